@@ -1,0 +1,74 @@
+"""The frozen base model as a Ray actor: endogenous rewards and reference log-probs from one forward pass.
+
+`EndogenousScorer` is a plain class: Ray Data uses it as an actor-pool UDF for offline scoring, and
+`BaseModelActor` (the same class under ray.remote) serves the RL driver. Both take and return Arrow.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pyarrow as pa
+import ray
+
+from pipeline.arrow import SCORED_FIELDS, numpy_to_ragged, ragged_to_numpy
+from pipeline.config import opt
+from pipeline.endogenous import EndoRewardConfig, score_endogenous
+from pipeline.judge import answer_token_ids, judge_margins
+from pipeline.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_model
+
+
+@dataclasses.dataclass
+class ScoringConfig:
+    replicas: int = opt(1, "base-model replicas scoring in parallel (Ray Data actor pool)")
+    cpus_per_replica: float = opt(0, "CPUs per replica (0 = all CPUs of the embedded Ray / replicas)")
+    gpus_per_replica: float = opt(0, "GPUs per replica (set 1 with --model.device cuda)")
+    batch_size: int = opt(64, "rows per Arrow batch sent to a replica")
+
+
+class EndogenousScorer:
+    def __init__(self, model_cfg: ModelConfig, reward_cfg: EndoRewardConfig):
+        path = resolve_model(model_cfg.name, model_cfg.cache_dir)
+        self.model = load_causal_lm(path, model_cfg.dtype, model_cfg.device)
+        self.tokenizer = load_tokenizer(path)
+        self.reward_cfg = reward_cfg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.score(batch)
+
+    def score(self, batch: pa.Table) -> pa.Table:
+        """SCORE_REQUEST rows (+ any other columns) -> the same rows with SCORED_FIELDS appended."""
+        scores = score_endogenous(self.model, ragged_to_numpy(batch["prompt_ids"]), ragged_to_numpy(batch["response_ids"]),
+                                  batch["finished"].to_pylist(), self.reward_cfg)
+        columns = [numpy_to_ragged(scores.token_rewards, pa.float32()), numpy_to_ragged(scores.ref_logprobs, pa.float32()),
+                   pa.array(scores.rewards, pa.float32())]
+        for (name, type_), column in zip(SCORED_FIELDS, columns):
+            batch = batch.append_column(pa.field(name, type_), column)
+        return batch
+
+
+class JudgeScorer(EndogenousScorer):
+    """LLM-as-a-judge with the same model: rows with `prompt_ids` (judge prompts) -> `judge_margin`."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        a_id, b_id = answer_token_ids(self.tokenizer)
+        margins = judge_margins(self.model, ragged_to_numpy(batch["prompt_ids"]), a_id, b_id, self.reward_cfg.pack_tokens)
+        return batch.append_column("judge_margin", pa.array(margins, pa.float32()))
+
+
+BaseModelActor = ray.remote(EndogenousScorer)
+
+
+def map_with_actor_pool(table: pa.Table, scorer_cls: type, model_cfg: ModelConfig, reward_cfg: EndoRewardConfig,
+                        scoring: ScoringConfig):
+    """Stream `table` through an actor pool of `scorer_cls` with Ray Data; yields result batches in input order."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # the job shows one tqdm bar over rows instead
+    num_blocks = max(1, math.ceil(table.num_rows / scoring.batch_size))
+    cpus = scoring.cpus_per_replica or max(1.0, ray.cluster_resources().get("CPU", 1) // scoring.replicas)
+    dataset = ray.data.from_arrow(table, override_num_blocks=num_blocks).map_batches(
+        scorer_cls, fn_constructor_kwargs={"model_cfg": model_cfg, "reward_cfg": reward_cfg},
+        batch_size=scoring.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=scoring.replicas),
+        num_cpus=cpus, num_gpus=scoring.gpus_per_replica or None, udf_modifying_row_count=False)
+    return dataset.iter_batches(batch_format="pyarrow", batch_size=None)

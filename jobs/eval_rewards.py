@@ -1,0 +1,135 @@
+"""Pairwise preference accuracy of reward sources on a preference-pairs data set.
+
+    python -m jobs.eval_rewards --data ../shared/data/hh_harmless_base_test.jsonl [--format hh] [--output DIR]
+
+Sources: the endogenous reward (sum, and per-token mean), an LLM-as-a-judge baseline with the same model
+(both orders), and the longer-wins / shorter-wins baselines. Prints a table; writes results.json and results.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from actors.base_model import EndogenousScorer, JudgeScorer, ScoringConfig, map_with_actor_pool
+from actors.cluster import RayConfig, init_ray
+from pipeline.arrow import request_table
+from pipeline.chat import encode_prompt, encode_response, fit_to_window
+from pipeline.config import opt, parse_config, to_dict, to_yaml
+from pipeline.data import load_preference_data
+from pipeline.endogenous import EndoRewardConfig
+from pipeline.evaluation import accuracy_table, markdown_table
+from pipeline.judge import judge_prompt_ids
+from pipeline.models import ModelConfig, check_device, context_window, load_tokenizer, resolve_model
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    data: str = opt("", "preference pairs: .jsonl/.parquet/.json files (comma-separated), an LLMBar folder, or a HF dataset")
+    format: Literal["auto", "hh", "llmbar", "pairs", "hf"] = opt("auto", "how to read --data")
+    output: str = opt("outputs/eval_rewards", "folder for results.json and results.md")
+    max_pairs: int = opt(0, "evaluate only the first N pairs (0 = all)")
+    judge: bool = opt(True, "also run the LLM-as-a-judge baseline with the same model")
+    model: ModelConfig = opt(factory=ModelConfig)
+    reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
+    scoring: ScoringConfig = opt(factory=ScoringConfig)
+    ray: RayConfig = opt(factory=RayConfig)
+
+
+
+def encode_pairs(pairs: pa.Table, tokenizer, window: int, reward_cfg: EndoRewardConfig) -> tuple[pa.Table, int]:
+    """Two score requests per pair, chosen then rejected; returns the table and the number of truncated rows."""
+    prompts, responses, truncated = [], [], 0
+    for i, (messages, chosen, rejected) in enumerate(zip(pairs["prompt"].to_pylist(), pairs["chosen"].to_pylist(),
+                                                         pairs["rejected"].to_pylist())):
+        prompt_ids = encode_prompt(tokenizer, messages, reward_cfg.system_prompt)
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            p, r, dropped, cut = fit_to_window(prompt_ids, encode_response(tokenizer, text), window,
+                                               reward_cfg.truncation, where=f"pair {pairs['pair_id'][i]} ({side})")
+            truncated += bool(dropped or cut)
+            prompts.append(p)
+            responses.append(r)
+    return request_table(prompts, responses, [True] * len(prompts)), truncated
+
+
+def judge_requests(pairs: pa.Table, tokenizer, reward_cfg: EndoRewardConfig) -> pa.Table:
+    """Two judge prompts per pair: chosen shown as A, then chosen shown as B."""
+    prompts = []
+    for messages, chosen, rejected in zip(pairs["prompt"].to_pylist(), pairs["chosen"].to_pylist(), pairs["rejected"].to_pylist()):
+        prompts.append(judge_prompt_ids(tokenizer, messages, chosen, rejected))
+        prompts.append(judge_prompt_ids(tokenizer, messages, rejected, chosen))
+    return request_table(prompts, [[] for _ in prompts], [True] * len(prompts))
+
+
+def run_pool(table: pa.Table, scorer_cls, cfg: EvalConfig, column: str, desc: str) -> list:
+    values = []
+    with tqdm(total=table.num_rows, desc=desc, unit="row") as bar:
+        for batch in map_with_actor_pool(table, scorer_cls, cfg.model, cfg.reward, cfg.scoring):
+            values += batch[column].to_pylist()
+            bar.update(batch.num_rows)
+    return values
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    check_device(cfg.model.device)
+    loaded = [load_preference_data(source, cfg.format) for source in cfg.data.split(",")]
+    pairs, skipped = pa.concat_tables([t for t, _ in loaded]), [line for _, lines in loaded for line in lines]
+    if cfg.max_pairs:
+        pairs = pairs.slice(0, cfg.max_pairs)
+    if pairs.num_rows == 0:
+        raise SystemExit(f"--data {cfg.data!r} holds no usable pairs ({len(skipped)} skipped). Fix: check the file and --format.")
+    for line in skipped:
+        print(f"skipped: {line}")
+    path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    tokenizer = load_tokenizer(path)
+    from transformers import AutoConfig
+    window = context_window(AutoConfig.from_pretrained(path), cfg.model.max_length)
+    requests, truncated = encode_pairs(pairs, tokenizer, window, cfg.reward)
+
+    init_ray(cfg.ray, cfg.model.device)
+    token_rewards = run_pool(requests, EndogenousScorer, cfg, "token_rewards", "endogenous reward")
+    totals = np.array([np.sum(r, dtype=np.float64) for r in token_rewards])
+    lengths = np.array([len(r) for r in token_rewards], dtype=np.float64)
+    scores = {
+        "endogenous (sum)": (totals[0::2], totals[1::2]),
+        "endogenous (per-token mean)": (totals[0::2] / lengths[0::2], totals[1::2] / lengths[1::2]),
+        "longer wins": (lengths[0::2], lengths[1::2]),
+        "shorter wins": (-lengths[0::2], -lengths[1::2]),
+    }
+    if cfg.judge:
+        margins = np.array(run_pool(judge_requests(pairs, tokenizer, cfg.reward), JudgeScorer, cfg, "judge_margin", "LLM judge"))
+        chosen_margin = (margins[0::2] - margins[1::2]) / 2  # chosen as A minus chosen as B: position bias cancels
+        scores["LLM-as-a-judge (both orders)"] = (chosen_margin, np.zeros_like(chosen_margin))
+
+    subsets = np.array(pairs["subset"].to_pylist())
+    table = accuracy_table(subsets, scores)
+    counts = {s: int((subsets == s).sum()) for s in sorted(set(subsets.tolist()))}
+    report = {"data": cfg.data, "model": cfg.model.name, "pairs": pairs.num_rows, "skipped": skipped,
+              "truncated_rows": truncated, "counts": counts, "accuracy": table, "config": to_dict(cfg)}
+    os.makedirs(cfg.output, exist_ok=True)
+    with open(os.path.join(cfg.output, "results.json"), "w") as fh:
+        json.dump(report, fh, indent=2)
+    markdown = markdown_table(table, counts)
+    with open(os.path.join(cfg.output, "results.md"), "w") as fh:
+        fh.write(f"Pairwise accuracy (%) on `{cfg.data}` with `{cfg.model.name}`; {len(skipped)} pairs skipped, "
+                 f"{truncated} rows truncated to the window.\n\n{markdown}\n")
+    print(markdown)
+    print(f"{pairs.num_rows} pairs, {len(skipped)} skipped, {truncated} rows truncated; wrote {cfg.output}/results.json and results.md")
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(EvalConfig, argv, __doc__)
+    if not cfg.data:
+        raise SystemExit("--data is required: a preference-pairs file or folder (see --help).")
+    print(to_yaml(cfg))
+    return evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Batch scoring with the endogenous reward.
+
+    python -m jobs.score --input rows.jsonl --output scored.parquet [--model NAME_OR_PATH]
+
+Input rows (.jsonl or .parquet) need `prompt` (a string or a list of {role, content} chat messages) and
+`response`. The output (.parquet or .jsonl, by extension) keeps every input column and the row order and adds
+`reward` (response-level endogenous reward), `token_rewards` (one float per response token, the last one
+for EOS) and `prompt_tokens_dropped` (prompt tokens cut to fit the model's window; 0 almost always).
+Rows are checked before any scoring; results stream into OUTPUT.partial and are renamed when complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from actors.base_model import EndogenousScorer, ScoringConfig, map_with_actor_pool
+from actors.cluster import RayConfig, init_ray
+from pipeline.arrow import request_table
+from pipeline.chat import encode_prompt, encode_response, fit_to_window
+from pipeline.config import opt, parse_config, to_yaml
+from pipeline.data import prompt_field, read_records, require_columns, text_field
+from pipeline.endogenous import EndoRewardConfig
+from pipeline.models import ModelConfig, check_device, context_window, load_tokenizer, resolve_model
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    input: str = opt("", "rows to score: .jsonl or .parquet with `prompt` and `response`")
+    output: str = opt("", "where to write: .parquet or .jsonl")
+    model: str = opt("smollm2-135m-instruct", "shorthand for --base.name: HF id, local folder or bundled model")
+    base: ModelConfig = opt(factory=ModelConfig)
+    reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
+    scoring: ScoringConfig = opt(factory=ScoringConfig)
+    ray: RayConfig = opt(factory=RayConfig)
+
+
+def read_and_check(path: str) -> tuple[list[dict], list[list[dict]], list[str]]:
+    """Input rows, their prompts as chat messages and their responses; any bad row stops here, before work."""
+    try:
+        rows = read_records(path)
+        require_columns(rows, ["prompt", "response"], path)
+        messages = [prompt_field(row, i, path) for i, row in enumerate(rows)]
+        responses = [text_field(row, "response", i, path) for i, row in enumerate(rows)]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--input: {e}")
+    return rows, messages, responses
+
+
+class OutputWriter:
+    """Appends scored batches to OUTPUT.partial (parquet or jsonl); `close` renames it to OUTPUT."""
+
+    def __init__(self, path: str):
+        if not path.endswith((".parquet", ".jsonl")):
+            raise SystemExit(f"--output {path!r}: unknown file type. Fix: end it with .parquet or .jsonl.")
+        self.path, self.partial = path, path + ".partial"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.parquet, self.jsonl = None, None
+
+    def write(self, rows: list[dict]) -> None:
+        if self.path.endswith(".parquet"):
+            table = pa.Table.from_pylist(rows, schema=self.parquet.schema if self.parquet else None)
+            self.parquet = self.parquet or pq.ParquetWriter(self.partial, table.schema)
+            self.parquet.write_table(table)
+        else:
+            self.jsonl = self.jsonl or open(self.partial, "w")
+            for row in rows:
+                self.jsonl.write(json.dumps(row) + "\n")
+            self.jsonl.flush()
+
+    def close(self) -> None:
+        (self.parquet or self.jsonl).close()
+        os.replace(self.partial, self.path)
+
+
+def score_file(cfg: ScoreConfig) -> str:
+    cfg.base.name = cfg.model
+    check_device(cfg.base.device)
+    rows, messages, responses = read_and_check(cfg.input)
+    if cfg.output.endswith(".parquet") and len({type(row["prompt"]) for row in rows}) > 1:
+        rows = [dict(row, prompt=m) for row, m in zip(rows, messages)]  # a parquet column holds one type
+    writer = OutputWriter(cfg.output)
+    path = resolve_model(cfg.base.name, cfg.base.cache_dir)
+    tokenizer = load_tokenizer(path)
+    from transformers import AutoConfig
+    window = context_window(AutoConfig.from_pretrained(path), cfg.base.max_length)
+    prompt_ids, response_ids, dropped = [], [], []
+    for i, (m, r) in enumerate(zip(messages, responses)):
+        p, resp, n_dropped, _ = fit_to_window(encode_prompt(tokenizer, m, cfg.reward.system_prompt),
+                                              encode_response(tokenizer, r), window, cfg.reward.truncation, where=f"row {i}")
+        prompt_ids.append(p)
+        response_ids.append(resp)
+        dropped.append(n_dropped)
+    requests = request_table(prompt_ids, response_ids, [True] * len(prompt_ids), row_index=pa.array(range(len(rows))))
+    init_ray(cfg.ray, cfg.base.device)
+    with tqdm(total=len(rows), desc="scoring", unit="row") as bar:
+        for batch in map_with_actor_pool(requests, EndogenousScorer, cfg.base, cfg.reward, cfg.scoring):
+            scored = [dict(rows[i], reward=reward, token_rewards=token_rewards, prompt_tokens_dropped=dropped[i])
+                      for i, reward, token_rewards in zip(batch["row_index"].to_pylist(), batch["reward"].to_pylist(),
+                                                           batch["token_rewards"].to_pylist())]
+            writer.write(scored)
+            bar.update(batch.num_rows)
+    writer.close()
+    print(f"scored {len(rows)} rows ({sum(d > 0 for d in dropped)} prompts truncated to the window) -> {cfg.output}")
+    return cfg.output
+
+
+def main(argv: list[str] | None = None) -> str:
+    cfg = parse_config(ScoreConfig, argv, __doc__)
+    if not cfg.input or not cfg.output:
+        raise SystemExit("--input and --output are required (see --help).")
+    print(to_yaml(cfg))
+    return score_file(cfg)
+
+
+if __name__ == "__main__":
+    main()

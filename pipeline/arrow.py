@@ -1,0 +1,72 @@
+"""Arrow schemas of the data that moves between actors, and the one place where Arrow <-> numpy/torch happens.
+
+Token ids are list<int32>, per-token floats are list<float32>. Ragged lists are read as zero-copy numpy
+slices of the column's flat values buffer and written back from one flat buffer plus offsets.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+TOKENS = pa.list_(pa.int32())
+FLOATS = pa.list_(pa.float32())
+
+# What the frozen base model scores: one row per (prompt, response).
+SCORE_REQUEST_SCHEMA = pa.schema([
+    ("prompt_ids", TOKENS),      # chat-templated prompt
+    ("response_ids", TOKENS),    # response tokens (ends with EOS when finished)
+    ("finished", pa.bool_()),    # False: cut by a length limit, no EOS
+])
+
+# What it returns: the request columns plus these.
+SCORED_FIELDS = [
+    ("token_rewards", FLOATS),   # r_h = Q(s_h, a_h) - V(s_{h+1}), one per response token
+    ("ref_logprobs", FLOATS),    # log pi_ref(a_h | s_h) at temperature 1, for the KL penalty
+    ("reward", pa.float32()),    # response reward: sum of r_h (or their mean when normalised)
+]
+
+
+def ragged_to_numpy(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """A list<...> column as one numpy array per row (zero-copy views into the flat values)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    values = column.values.to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy() - column.offsets[0].as_py()
+    values = values[column.offsets[0].as_py():]
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+
+
+def numpy_to_ragged(rows: list[np.ndarray] | list[list], value_type: pa.DataType) -> pa.ListArray:
+    """One numpy array (or list) per row -> a list<value_type> Arrow column, built from one flat buffer."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(r) for r in rows]) if rows else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(value_type.to_pandas_dtype())))
+
+
+def ragged_to_padded(rows: list[np.ndarray], pad_value: float = 0.0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> (padded [B, T] tensor, mask [B, T]); padding on the right."""
+    width = max((len(r) for r in rows), default=0)
+    out = torch.full((len(rows), width), pad_value, dtype=dtype)
+    mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(np.asarray(r), dtype=dtype)
+        mask[i, : len(r)] = 1.0
+    return out, mask
+
+
+def padded_to_ragged(padded: torch.Tensor, mask: torch.Tensor) -> list[np.ndarray]:
+    """Inverse of ragged_to_padded: keep each row's valid prefix."""
+    lengths = mask.sum(dim=1).long().tolist()
+    values = padded.detach().cpu().float().numpy()
+    return [values[i, :n] for i, n in enumerate(lengths)]
+
+
+def request_table(prompt_ids: list, response_ids: list, finished: list[bool], **extra_columns) -> pa.Table:
+    """A SCORE_REQUEST table, with any extra columns (ids, subsets) carried along untouched."""
+    columns = {"prompt_ids": numpy_to_ragged(prompt_ids, pa.int32()),
+               "response_ids": numpy_to_ragged(response_ids, pa.int32()),
+               "finished": pa.array(finished, pa.bool_())}
+    return pa.table({**columns, **extra_columns})

