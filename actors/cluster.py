@@ -11,10 +11,13 @@ from pipeline.config import opt
 
 @dataclasses.dataclass
 class RayConfig:
-    address: str = opt("", "Ray address; empty = the cluster of `ray job submit`, else an embedded local Ray")
-    num_cpus: int = opt(0, "CPUs of an embedded local Ray (0 = all of this machine)")
+    address: str = opt("", "Ray address; empty = the cluster of `ray job submit` (RAY_ADDRESS) or else an embedded "
+                           "local Ray; 'local' = always embedded")
+    num_cpus: int = opt(0, "logical CPUs of an embedded local Ray (0 = this machine's cores); the RL phases run one "
+                           "after another, so local mode may declare more than the cores it has")
     vllm_cpu_kvcache_gib: int = opt(2, "VLLM_CPU_KVCACHE_SPACE for CPU vLLM engines, GiB")
-    vllm_cpu_threads: str = opt("", "VLLM_CPU_OMP_THREADS_BIND for CPU vLLM engines (empty = 0-(num_cpus-1))")
+    vllm_cpu_threads: str = opt("", "VLLM_CPU_OMP_THREADS_BIND for CPU vLLM engines, '|' between engines (e.g. "
+                                    "0-1|2-3); empty = each engine its own block of rollout.cpus_per_engine cores")
 
 
 def worker_env(cfg: RayConfig) -> dict[str, str]:
@@ -25,10 +28,13 @@ def worker_env(cfg: RayConfig) -> dict[str, str]:
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",        # the default reserves a core: a third of the speed on 2 cores
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",      # in-process engine: weight sync needs the tensors in-process
         "DS_ACCELERATOR": "cpu",
+        # DeepSpeed JIT-builds its CPU shared-memory comm op (~20 s) on first use; cache the build across runs
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                               os.path.expanduser("~/.cache/endorl/torch_extensions")),
     }
     if cfg.vllm_cpu_threads:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.vllm_cpu_threads
-    for name in ("HF_HUB_OFFLINE", "HF_HOME", "TORCH_EXTENSIONS_DIR"):  # pass the user's choices through
+    for name in ("HF_HUB_OFFLINE", "HF_HOME"):  # pass the user's choices through
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -43,7 +49,7 @@ def init_ray(cfg: RayConfig, device: str = "cpu") -> None:
         env.pop("DS_ACCELERATOR")
     kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
     if cfg.address:
-        kwargs["address"] = cfg.address
-    elif "RAY_ADDRESS" not in os.environ:
+        kwargs["address"] = cfg.address  # "local" always starts an embedded Ray, even under RAY_ADDRESS
+    if cfg.address == "local" or (not cfg.address and "RAY_ADDRESS" not in os.environ):
         kwargs.update(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False)
     ray.init(**kwargs)

@@ -25,7 +25,7 @@ from pipeline.data import load_preference_data
 from pipeline.endogenous import EndoRewardConfig
 from pipeline.evaluation import accuracy_table, markdown_table
 from pipeline.judge import judge_prompt_ids
-from pipeline.models import ModelConfig, check_device, context_window, load_tokenizer, resolve_model
+from pipeline.models import ModelConfig, ModelNotFoundError, check_device, context_window, load_tokenizer, resolve_model
 
 
 @dataclasses.dataclass
@@ -85,11 +85,17 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise SystemExit(f"--data {cfg.data!r} holds no usable pairs ({len(skipped)} skipped). Fix: check the file and --format.")
     for line in skipped:
         print(f"skipped: {line}")
-    path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    try:
+        path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    except ModelNotFoundError as e:
+        raise SystemExit(f"--model.name: {e}")
     tokenizer = load_tokenizer(path)
     from transformers import AutoConfig
     window = context_window(AutoConfig.from_pretrained(path), cfg.model.max_length)
-    requests, truncated = encode_pairs(pairs, tokenizer, window, cfg.reward)
+    try:
+        requests, truncated = encode_pairs(pairs, tokenizer, window, cfg.reward)
+    except ValueError as e:
+        raise SystemExit(f"--data: {e}")
 
     init_ray(cfg.ray, cfg.model.device)
     token_rewards = run_pool(requests, EndogenousScorer, cfg, "token_rewards", "endogenous reward")

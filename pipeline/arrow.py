@@ -52,7 +52,7 @@ def ragged_to_padded(rows: list[np.ndarray], pad_value: float = 0.0, dtype=torch
     out = torch.full((len(rows), width), pad_value, dtype=dtype)
     mask = torch.zeros((len(rows), width), dtype=torch.float32)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(np.asarray(r), dtype=dtype)
+        out[i, : len(r)] = torch.tensor(np.asarray(r), dtype=dtype)  # copies: Arrow buffers are read-only
         mask[i, : len(r)] = 1.0
     return out, mask
 
@@ -70,3 +70,20 @@ def request_table(prompt_ids: list, response_ids: list, finished: list[bool], **
                "response_ids": numpy_to_ragged(response_ids, pa.int32()),
                "finished": pa.array(finished, pa.bool_())}
     return pa.table({**columns, **extra_columns})
+
+
+# What a rollout engine returns: one row per sampled response (the n samples of a prompt are adjacent).
+ROLLOUT_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt_ids", TOKENS),
+    ("response_ids", TOKENS),
+    ("sample_logprobs", FLOATS),  # log-probs of the sampled tokens under the sampling distribution (old policy)
+    ("finish_reason", pa.string()),  # "stop" (EOS) or "length"
+    ("finished", pa.bool_()),
+])
+
+# What the learners train on: the scored rollout plus per-token advantages (and returns for the critic).
+EXPERIENCE_FIELDS = [
+    ("advantages", FLOATS),
+    ("returns", FLOATS),
+]

@@ -214,7 +214,7 @@ def parse_config(cls: type, argv: list[str] | None = None, description: str = ""
         set_dotted(data, key, value)
     try:
         return from_dict(cls, data)
-    except ConfigError as e:
+    except ValueError as e:  # ConfigError, or a section's own __post_init__ check
         raise SystemExit(f"{prog}: config error: {e}")
 
 

@@ -482,4 +482,4 @@ def split_prompts(table: pa.Table, heldout_fraction: float, seed: int) -> tuple[
     random.Random(seed).shuffle(order)
     n_heldout = round(table.num_rows * heldout_fraction)
     heldout, train = sorted(order[:n_heldout]), sorted(order[n_heldout:])
-    return table.take(train), table.take(heldout)
+    return table.take(pa.array(train, pa.int64())), table.take(pa.array(heldout, pa.int64()))

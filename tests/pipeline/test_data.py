@@ -318,3 +318,9 @@ def test_load_prompts_empty_prompt_names_row(tmp_path):
     path = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "ok"}, {"prompt": ""}])
     with pytest.raises(ValueError, match="row 1: field `prompt` is empty"):
         load_prompts(path)
+
+
+def test_split_prompts_with_an_empty_side():
+    # regression: table.take([]) has type null and pyarrow refused it
+    train, heldout = split_prompts(builtin_prompts().slice(0, 3), 0.0, seed=0)
+    assert train.num_rows == 3 and heldout.num_rows == 0 and heldout.schema == PROMPTS_SCHEMA

@@ -1,0 +1,102 @@
+"""vLLM rollout engines as Ray actors: sample responses with their log-probs, take new weights, probe parity.
+
+`RolloutEngine` is a plain class (tests run it in-process); `RolloutActor` is the same class under ray.remote.
+The vLLM engine runs inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, from worker_env): weight
+sync hands it tensors in memory, which a multiprocess engine would lose in serialisation. What the engine's
+outputs mean (log-probs mode, EOS, tied embeddings) is decided and documented in pipeline/rollout.py.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from actors.cluster import RayConfig, worker_env
+from pipeline.arrow import ragged_to_numpy
+from pipeline.models import check_device
+from pipeline.rollout import (LOGPROBS_MODE, RolloutConfig, outputs_to_rollout_table, prompt_logprobs_to_numpy,
+                              sampling_params_kwargs, weights_for_sync)
+
+
+class RolloutEngine:
+    def __init__(self, model_path: str, dtype: str, device: str, cfg: RolloutConfig, engine_index: int = 0):
+        check_device(device)  # a cuda request without a GPU fails here, before vLLM picks a platform
+        from vllm import LLM, SamplingParams  # lazy: the driver imports this module without loading vLLM
+        from vllm.inputs import TokensPrompt
+
+        self.cfg = cfg
+        self.make_prompt, self.make_sampling = TokensPrompt, SamplingParams
+        self.llm = LLM(model=model_path, dtype=dtype, seed=cfg.seed + engine_index, enforce_eager=cfg.enforce_eager,
+                       max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       logprobs_mode=LOGPROBS_MODE)
+        self.sampling = SamplingParams(**sampling_params_kwargs(cfg))
+        # prompt_logprobs are computed from raw logits (temperature 1) whatever the logprobs mode
+        self.scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
+        self.eos_token_id = self.llm.get_tokenizer().eos_token_id
+        self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
+
+    def generate(self, prompts: pa.Table, n_samples: int | None = None, seed: int | None = None) -> pa.Table:
+        """Rows with prompt_id (string) and prompt_ids (list<int32>) -> ROLLOUT_SCHEMA, n_samples rows per prompt.
+
+        With `seed`, prompt i is sampled with seed + i: the rollout is then a function of the weights and the seed.
+        """
+        prompt_ids = [ids.tolist() for ids in ragged_to_numpy(prompts["prompt_ids"])]
+        prompt_id_list = prompts["prompt_id"].to_pylist()
+        bad = [pid for pid, ids in zip(prompt_id_list, prompt_ids) if not 1 <= len(ids) <= self.cfg.max_prompt_tokens]
+        if bad:
+            raise ValueError(f"prompts {bad[:5]} are empty or longer than rollout.max_prompt_tokens="
+                             f"{self.cfg.max_prompt_tokens}. Fix: raise --rollout.max_prompt_tokens or filter them")
+        sampling = self.sampling if n_samples is None and seed is None else [
+            self.make_sampling(**sampling_params_kwargs(self.cfg, n_samples, None if seed is None else seed + i))
+            for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([self.make_prompt(prompt_token_ids=ids) for ids in prompt_ids], sampling,
+                                    use_tqdm=False)
+        return outputs_to_rollout_table(prompt_ids, prompt_id_list, outputs, self.eos_token_id)
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> float:
+        """Copy a full Hugging Face-named state dict into the running engine, in memory; returns seconds taken."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights_for_sync(state, self.tied)})
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        return time.perf_counter() - start
+
+    def token_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[np.ndarray]:
+        """log pi(response token | prefix) at temperature 1 under the engine's CURRENT weights (parity probe)."""
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+        outputs = self.llm.generate([self.make_prompt(prompt_token_ids=s) for s in sequences], self.scoring,
+                                    use_tqdm=False)
+        return [prompt_logprobs_to_numpy(out.prompt_logprobs, seq, start=len(p))
+                for out, seq, p in zip(outputs, sequences, prompt_ids)]
+
+
+RolloutActor = ray.remote(RolloutEngine)
+
+
+def engine_env(ray_cfg: RayConfig, cfg: RolloutConfig, engine_index: int) -> dict[str, str]:
+    """worker_env plus the cores engine `engine_index` binds its OpenMP threads to (CPU vLLM only).
+
+    --ray.vllm_cpu_threads "0-1|2-3" gives engine i the i-th part; empty = consecutive blocks of
+    rollout.cpus_per_engine cores of this machine (local mode), so engines never share a core.
+    """
+    env = worker_env(ray_cfg)
+    if ray_cfg.vllm_cpu_threads:
+        parts = ray_cfg.vllm_cpu_threads.split("|")
+        env["VLLM_CPU_OMP_THREADS_BIND"] = parts[engine_index % len(parts)]
+    else:
+        cores = sorted(os.sched_getaffinity(0))  # the CPU ids this machine lets us use
+        width = min(len(cores), max(1, int(cfg.cpus_per_engine)))
+        first = (engine_index * width) % len(cores)
+        first = first if first + width <= len(cores) else 0  # more engines than cores: they share, round robin
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores[first:first + width])
+    return env
+
+
+def start_rollout_engines(model_path: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig) -> list:
+    """cfg.engines RolloutActors, each with its own seed and (on CPU) its own cores."""
+    return [RolloutActor.options(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
+                                 runtime_env={"env_vars": engine_env(ray_cfg, cfg, i)})
+            .remote(model_path, dtype, device, cfg, i) for i in range(cfg.engines)]

@@ -1,0 +1,104 @@
+"""The RL loop: prompts -> rollouts -> frozen-model scoring -> advantages -> learner update -> weight sync.
+
+`rl_loop` is the whole algorithm. It talks to worker groups (actors/groups.py) whose methods take and return
+references to Arrow tables in Ray's object store; the driver never pulls a batch through itself, only the small
+metric dicts. Each group call returns when its work is done, so every phase is timed on its own.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline.arrow import numpy_to_ragged
+from pipeline.chat import encode_prompt
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        step = time.perf_counter() - self.start
+        out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out["time/step"] = step
+        out["time/driver_overhead"] = step - sum(self.seconds.values())  # everything not inside a phase
+        return out
+
+
+def tokenize_prompts(prompts: pa.Table, tokenizer, system_prompt: str, max_prompt_tokens: int) -> pa.Table:
+    """(prompt_id, prompt messages) -> (prompt_id, prompt_ids); a prompt over the limit is an error, before any work."""
+    ids = [encode_prompt(tokenizer, m, system_prompt) for m in prompts["prompt"].to_pylist()]
+    for prompt_id, p in zip(prompts["prompt_id"].to_pylist(), ids):
+        if len(p) > max_prompt_tokens:
+            raise ValueError(f"prompt {prompt_id!r} is {len(p)} tokens, over rollout.max_prompt_tokens={max_prompt_tokens}. "
+                             f"Fix: shorten or drop it, or raise --rollout.max_prompt_tokens (within the model's window).")
+    return pa.table({"prompt_id": prompts["prompt_id"], "prompt_ids": numpy_to_ragged(ids, pa.int32())})
+
+
+def prompt_batch(prompts: pa.Table, step: int, batch_size: int, seed: int) -> pa.Table:
+    """The prompts of `step`: a fresh seeded shuffle each epoch, so the data position is just the step number."""
+    per_epoch = prompts.num_rows // batch_size
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(prompts.num_rows)
+    return prompts.take(order[index * batch_size:(index + 1) * batch_size])
+
+
+class Workers(Protocol):
+    """What the loop needs from the cluster (implemented by actors.groups.RLWorkers)."""
+
+    def generate(self, prompts: pa.Table, seed: int, n_samples: int): ...        # -> rollout refs
+    def score(self, rollout_refs): ...                                          # -> scored refs (+ ref logprobs)
+    def values(self, scored_refs): ...                                          # -> value refs or None (no critic)
+    def make_experience(self, scored_refs, value_refs): ...                     # -> (experience ref, metrics)
+    def train(self, experience_ref) -> dict: ...                                # policy (+ critic) update metrics
+    def sync_weights(self) -> float: ...                                        # learners -> every rollout engine
+    def check_sync(self) -> float: ...                                         # max |logp_engine - logp_learner|
+    def heldout_reward(self, prompts: pa.Table, seed: int) -> dict: ...         # mean reward of held-out samples
+    def save(self, path: str, state: dict) -> None: ...
+
+
+def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.Table, log, start_step: int = 0) -> None:
+    """On-policy RL with the endogenous reward: one iteration per step, every phase timed."""
+    if start_step > 0:
+        workers.sync_weights()  # resumed: the engines start from the checkpoint's policy
+    elif cfg.eval_every:
+        log.write(0, workers.heldout_reward(heldout_prompts, seed=cfg.seed))  # the baseline before any update
+    for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="rl", unit="step"):
+        timer, metrics = PhaseTimer(), {}
+        batch = prompt_batch(train_prompts, step, cfg.prompts_per_step, cfg.seed)
+        with timer("rollout"):
+            rollouts = workers.generate(batch, seed=cfg.seed * 1_000_003 + step, n_samples=cfg.rollout.n_samples)
+        with timer("score"):
+            scored = workers.score(rollouts)
+        with timer("values"):
+            values = workers.values(scored)
+        with timer("experience"):
+            experience, experience_metrics = workers.make_experience(scored, values)
+        with timer("train"):
+            metrics.update(workers.train(experience))
+        with timer("sync"):
+            metrics["sync/seconds"] = workers.sync_weights()
+        if cfg.sync_check_every and (step + 1) % cfg.sync_check_every == 0:
+            with timer("sync_check"):
+                metrics["sync/max_logprob_diff"] = workers.check_sync()
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            with timer("eval"):
+                metrics.update(workers.heldout_reward(heldout_prompts, seed=cfg.seed))
+        if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            with timer("checkpoint"):
+                workers.save(log.checkpoint_dir(step + 1), {"step": step + 1})
+        metrics.update(experience_metrics)
+        metrics.update(timer.metrics())
+        log.write(step + 1, metrics)

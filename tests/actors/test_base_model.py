@@ -1,0 +1,46 @@
+"""The frozen-base-model actor: Arrow in, Arrow out, identical to scoring in-process."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actors.base_model import BaseModelActor, EndogenousScorer, ScoringConfig, map_with_actor_pool
+from pipeline.arrow import SCORED_FIELDS, ragged_to_numpy, request_table
+from pipeline.chat import encode_prompt, encode_response
+from pipeline.endogenous import EndoRewardConfig, score_endogenous
+from pipeline.models import ModelConfig, load_causal_lm, load_tokenizer
+
+
+def requests(tokenizer, n=6):
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": f"Count to {i}."}]) for i in range(n)]
+    responses = [encode_response(tokenizer, " ".join(str(k) for k in range(i + 1))) for i in range(n)]
+    return prompts, responses, request_table(prompts, responses, [True] * n, tag=pa.array([f"row{i}" for i in range(n)]))
+
+
+def test_remote_actor_and_actor_pool_match_in_process_scoring(tiny_model_dir, local_ray):
+    model_cfg = ModelConfig(name=tiny_model_dir)
+    reward_cfg = EndoRewardConfig()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompts, responses, table = requests(tokenizer)
+    expected = score_endogenous(load_causal_lm(tiny_model_dir), prompts, responses, [True] * 6, reward_cfg)
+
+    actor = BaseModelActor.remote(model_cfg, reward_cfg)
+    scored = local_ray.get(actor.score.remote(local_ray.put(table)))  # Arrow through the object store by reference
+    assert scored.column_names == table.column_names + [name for name, _ in SCORED_FIELDS]
+    assert scored["tag"].to_pylist() == [f"row{i}" for i in range(6)]
+    np.testing.assert_allclose(scored["reward"].to_numpy(), expected.rewards, rtol=1e-5, atol=1e-4)
+    for got, want in zip(ragged_to_numpy(scored["token_rewards"]), expected.token_rewards):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+    batches = list(map_with_actor_pool(table, EndogenousScorer, model_cfg, reward_cfg,
+                                       ScoringConfig(replicas=2, cpus_per_replica=1, batch_size=2)))
+    pooled = pa.concat_tables(batches)
+    assert pooled["tag"].to_pylist() == table["tag"].to_pylist()  # order preserved across replicas
+    np.testing.assert_allclose(pooled["reward"].to_numpy(), expected.rewards, rtol=1e-5, atol=1e-4)
+
+
+def test_cuda_request_without_gpu_fails_loudly(tiny_model_dir):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="no CUDA GPU.*set the device option to 'cpu'"):
+        EndogenousScorer(ModelConfig(name=tiny_model_dir, device="cuda"), EndoRewardConfig())

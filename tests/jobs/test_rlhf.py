@@ -1,0 +1,52 @@
+"""jobs.rlhf refuses bad input with a clear message before any actor starts (Ray is never initialised here)."""
+import json
+
+import pytest
+import ray
+
+from jobs import rlhf
+
+
+def refuse(tiny_model_dir, *args, match):
+    with pytest.raises(SystemExit, match=match):
+        rlhf.main(["--local", "--model.name", tiny_model_dir, *args])
+    assert not ray.is_initialized()  # refused before any work started
+
+
+def test_zero_prompts(tmp_path, tiny_model_dir):
+    empty = tmp_path / "prompts.jsonl"
+    empty.write_text("")
+    refuse(tiny_model_dir, "--prompts", str(empty), match="--prompts: .*no rows")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": "only one"}) + "\n")
+    refuse(tiny_model_dir, "--prompts", str(one), match="no held-out prompts")
+    refuse(tiny_model_dir, "--prompts", str(one), "--eval_every", "0", match="prompts_per_step 8 is more than the 1")
+
+
+def test_grpo_needs_two_samples(tiny_model_dir):
+    refuse(tiny_model_dir, "--rollout.n_samples", "1", match="grpo needs at least 2 samples.*--rollout.n_samples 4")
+    refuse(tiny_model_dir, "--rollout.n_samples", "1", "--advantage.estimator", "rloo", match="rloo needs at least 2")
+
+
+def test_gpu_requested_without_gpu(tiny_model_dir):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    refuse(tiny_model_dir, "--model.device", "cuda", match="no CUDA GPU")
+
+
+def test_zero_stage_out_of_range(tiny_model_dir):
+    refuse(tiny_model_dir, "--learner.zero_stage", "4", match=r"learner.zero_stage must be in 0..3.*--learner.zero_stage 2")
+
+
+def test_prompt_longer_than_context(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["hi", "hello", "hey", "word " * 300]))
+    refuse(tiny_model_dir, "--prompts", str(prompts), "--heldout_fraction", "0", "--eval_every", "0", "--prompts_per_step", "2",
+           "--rollout.max_prompt_tokens", "64", match="over rollout.max_prompt_tokens=64")
+    refuse(tiny_model_dir, "--rollout.max_prompt_tokens", "1000", "--rollout.max_new_tokens", "100",
+           match="over the model's window of 1024 tokens")
+
+
+def test_resume_without_checkpoint(tmp_path, tiny_model_dir):
+    refuse(tiny_model_dir, "--resume", "--output", str(tmp_path / "run"), match="no complete checkpoint")
