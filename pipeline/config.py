@@ -8,7 +8,6 @@ every field with its type, default and help text.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import sys

@@ -36,6 +36,6 @@ def local_ray():
 
     from actors.cluster import RayConfig, init_ray
 
-    init_ray(RayConfig(num_cpus=2))
+    init_ray(RayConfig(num_cpus=8))  # logical CPUs: the RL phases run one after another
     yield ray
     ray.shutdown()

@@ -1,0 +1,123 @@
+"""Policy and critic forwards checked against a plain per-row transformers forward; the loss on known cases."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.models import load_causal_lm
+from pipeline.policy import (LearnerConfig, critic_forward, critic_loss, load_critic,
+                             lr_lambda, policy_forward, policy_loss)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return load_causal_lm(tiny_model_dir)
+
+
+def ragged_rows(seed=0):
+    """Prompts and responses of different lengths (one response is a single token)."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(10, 1000, n).astype(np.int32) for n in (5, 9, 3)]
+    responses = [rng.integers(10, 1000, n).astype(np.int32) for n in (4, 1, 7)]
+    return prompts, responses
+
+
+@torch.no_grad()
+def manual_logprobs(model, prompt, response, temperature):
+    """One unpadded row: log_softmax(logits / T) in float64, logits at t predicting token t+1."""
+    ids = torch.as_tensor(np.concatenate([prompt, response]), dtype=torch.long)[None]
+    logits = model(input_ids=ids).logits[0].double() / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    p = len(prompt)
+    return torch.stack([logp[p + j - 1, int(token)] for j, token in enumerate(response)])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_policy_forward_matches_manual_forward(tiny_model, temperature):
+    prompts, responses = ragged_rows()
+    with torch.no_grad():
+        logprobs, entropy, mask = policy_forward(tiny_model, prompts, responses, temperature)
+    assert logprobs.shape == entropy.shape == mask.shape == (3, 7)
+    assert logprobs.dtype == torch.float32
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        h = len(response)
+        assert mask[i].tolist() == [1.0] * h + [0.0] * (7 - h)
+        want = manual_logprobs(tiny_model, prompt, response, temperature)
+        torch.testing.assert_close(logprobs[i, :h].double(), want, atol=2e-5, rtol=0)
+        assert (logprobs[i, h:] == 0).all() and (entropy[i, h:] == 0).all()
+    assert (entropy[mask > 0] > 0).all()
+
+
+def test_policy_forward_gradients_flow(tiny_model):
+    prompts, responses = ragged_rows(1)
+    logprobs, _, mask = policy_forward(tiny_model, prompts, responses)
+    (logprobs.sum() / mask.sum()).backward()
+    assert tiny_model.lm_head.weight.grad is not None and tiny_model.lm_head.weight.grad.abs().sum() > 0
+    tiny_model.zero_grad()
+
+
+def test_policy_loss_ratio_one_no_kl_is_minus_mean_advantage():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    logprobs = -torch.rand(2, 3)
+    advantages = torch.tensor([[1.0, -2.0, 3.0], [0.5, 99.0, 99.0]])
+    loss, metrics = policy_loss(logprobs, logprobs.clone(), logprobs.clone(), advantages, mask, LearnerConfig())
+    expected = -(1.0 - 2.0 + 3.0 + 0.5) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["pg_loss"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["kl_k1"] == metrics["kl_k3"] == 0.0
+    assert metrics["ratio"] == pytest.approx(1.0) and metrics["clip_fraction"] == 0.0
+
+
+def test_policy_loss_k3_term_is_non_negative_and_only_in_k3_mode():
+    torch.manual_seed(1)
+    mask = torch.ones(4, 6)
+    logprobs, ref = -torch.rand(4, 6) * 3, -torch.rand(4, 6) * 3
+    advantages = torch.randn(4, 6)
+    k3_loss, k3_metrics = policy_loss(logprobs, logprobs, ref, advantages, mask, LearnerConfig(kl_coef=0.5))
+    k1_loss, k1_metrics = policy_loss(logprobs, logprobs, ref, advantages, mask,
+                                      LearnerConfig(kl_coef=0.5, kl_mode="k1_reward"))
+    assert k3_metrics["kl_k3"] > 0
+    assert k1_loss.item() == pytest.approx(k1_metrics["pg_loss"], abs=1e-6)  # no KL in the loss
+    # loss = pg + 0.5 * k3
+    assert k3_loss.item() == pytest.approx(k1_metrics["pg_loss"] + 0.5 * k3_metrics["kl_k3"], abs=1e-6)
+
+
+def test_entropy_bonus_lowers_the_loss():
+    mask = torch.ones(1, 2)
+    logprobs, entropy = torch.tensor([[-1.0, -2.0]]), torch.tensor([[2.0, 4.0]])
+    base, _ = policy_loss(logprobs, logprobs, logprobs, torch.zeros(1, 2), mask, LearnerConfig())
+    bonus, metrics = policy_loss(logprobs, logprobs, logprobs, torch.zeros(1, 2), mask,
+                                 LearnerConfig(entropy_coef=0.1), entropy=entropy)
+    assert metrics["entropy"] == pytest.approx(3.0)
+    assert bonus.item() == pytest.approx(base.item() - 0.3)
+
+
+def test_critic_forward_shape_and_positions(tiny_model_dir):
+    critic = load_critic(tiny_model_dir)
+    prompts, responses = ragged_rows(2)
+    with torch.no_grad():
+        values, mask = critic_forward(critic, prompts, responses)
+        assert values.shape == mask.shape == (3, 7)
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            ids = torch.as_tensor(np.concatenate([prompt, response]), dtype=torch.long)[None]
+            row = critic(input_ids=ids).logits[0, :, 0]
+            p, h = len(prompt), len(response)
+            torch.testing.assert_close(values[i, :h], row[p - 1:p + h - 1], atol=2e-5, rtol=0)  # V(s_j) before token j
+            assert (values[i, h:] == 0).all()
+    loss, metrics = critic_loss(values, values, values + 1.0, mask, LearnerConfig())
+    assert loss.item() == pytest.approx(0.5 * 1.0 ** 2, abs=1e-5)  # L_V = 0.5 * mean (v - R)^2, v - R = -1
+    assert metrics["value_error"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_config_validation_and_schedule():
+    with pytest.raises(ValueError, match=r"learner\.zero_stage.*0\.\.3"):
+        LearnerConfig(zero_stage=4)
+    with pytest.raises(ValueError, match="learner.total_steps"):
+        lr_lambda(LearnerConfig(lr_schedule="cosine"))
+    warm = lr_lambda(LearnerConfig(warmup_steps=2))
+    assert [warm(k) for k in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    cosine = lr_lambda(LearnerConfig(lr_schedule="cosine", total_steps=4))
+    assert [round(cosine(k), 6) for k in range(5)] == [1.0, round(0.5 * (1 + math.cos(math.pi / 4)), 6), 0.5,
+                                                       round(0.5 * (1 + math.cos(3 * math.pi / 4)), 6), 0.0]
