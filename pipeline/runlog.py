@@ -17,9 +17,10 @@ class RunLog:
             fh.write(config_yaml)
         self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step or None)
         self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
-        if resume_step == 0 and os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
         self.config_yaml = config_yaml
+        kept = [row for row in self.history() if row["step"] <= resume_step] if resume_step else []
+        with open(self.metrics_path, "w") as fh:  # rows past the checkpoint are redone by the resumed run
+            fh.writelines(json.dumps(row) + "\n" for row in kept)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
