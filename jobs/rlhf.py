@@ -39,6 +39,8 @@ class RLConfig:
     checkpoint_every: int = opt(10, "save a checkpoint every K steps (and at the end); 0 = never")
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
+    sync_tolerance: float = opt(0.0, "max |log-prob diff| the sync check accepts; 0 = 1e-3 for a float32 engine, "
+                                     "0.5 for bfloat16 (bf16 kernels alone differ by ~0.2: only gross failures show)")
     rollout_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "vLLM engine precision (fp16 does not run on CPU)")
     scorers: int = opt(1, "frozen base-model actors (endogenous reward + reference log-probs)")
     scorer_cpus: float = opt(1, "CPUs per base-model actor")

@@ -55,6 +55,16 @@ def prompt_batch(prompts: pa.Table, step: int, batch_size: int, seed: int) -> pa
     return prompts.take(order[index * batch_size:(index + 1) * batch_size])
 
 
+def check_sync(workers, cfg) -> float:
+    """Engine vs learner log-probs on a probe after a sync; a difference over the tolerance stops the run."""
+    diff = workers.check_sync()
+    tolerance = cfg.sync_tolerance or (1e-3 if cfg.rollout_dtype == "float32" else 0.5)
+    if not diff <= tolerance:
+        raise RuntimeError(f"weight sync check failed: engine and learner log-probs differ by {diff:.4g} "
+                           f"(tolerance {tolerance:g}); the engines are not sampling from the trained policy.")
+    return diff
+
+
 class Workers(Protocol):
     """What the loop needs from the cluster (implemented by actors.groups.RLWorkers)."""
 
@@ -92,7 +102,7 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
             metrics["sync/seconds"] = workers.sync_weights()
         if cfg.sync_check_every and (step + 1) % cfg.sync_check_every == 0:
             with timer("sync_check"):
-                metrics["sync/max_logprob_diff"] = workers.check_sync()
+                metrics["sync/max_logprob_diff"] = check_sync(workers, cfg)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             with timer("eval"):
                 metrics.update(workers.heldout_reward(heldout_prompts, seed=cfg.seed))

@@ -17,6 +17,8 @@ class LoopConfig:
     eval_every: int = 2
     checkpoint_every: int = 3
     sync_check_every: int = 2
+    sync_tolerance: float = 0.0
+    rollout_dtype: str = "float32"
 
     @dataclasses.dataclass
     class Rollout:
@@ -114,3 +116,17 @@ def test_too_long_prompt_is_refused_by_name(real_model_dir):
     with pytest.raises(ValueError, match="prompt 'long' is .* tokens, over rollout.max_prompt_tokens=64"):
         tokenize_prompts(prompts, tokenizer, "", 64)
     assert tokenize_prompts(prompts.slice(0, 1), tokenizer, "", 64).num_rows == 1
+
+
+def test_a_sync_that_did_not_arrive_stops_the_run():
+    class Stale(FakeWorkers):
+        def check_sync(self):
+            return 0.8  # what a stale lm_head gave in tests/actors/test_rollout.py
+
+    with pytest.raises(RuntimeError, match="weight sync check failed.*0.8.*tolerance 0.001"):
+        rl_loop(LoopConfig(), Stale(), pa.table({"prompt_id": ["a", "b"], "prompt_ids": [[1], [2]]}),
+                pa.table({"prompt_id": ["c"], "prompt_ids": [[3]]}), Log())
+    bf16 = dataclasses.replace(LoopConfig(), rollout_dtype="bfloat16")
+    with pytest.raises(RuntimeError, match="tolerance 0.5"):
+        rl_loop(bf16, Stale(), pa.table({"prompt_id": ["a", "b"], "prompt_ids": [[1], [2]]}),
+                pa.table({"prompt_id": ["c"], "prompt_ids": [[3]]}), Log())
