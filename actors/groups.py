@@ -15,6 +15,7 @@ import ray
 from actors.base_model import BaseModelActor
 from actors.learner import LearnerGroup
 from actors.rollout import start_rollout_engines
+from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import ragged_to_numpy
 from pipeline.experience import build_experience
 from pipeline.rollout import logprob_parity
@@ -44,9 +45,11 @@ class RLWorkers:
         self.engines = start_rollout_engines(model_path, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray)
         self.scorers = [BaseModelActor.options(num_cpus=cfg.scorer_cpus, num_gpus=cfg.scorer_gpus).remote(cfg.model, cfg.reward)
                         for _ in range(cfg.scorers)]
+        self.sentence_rm = (SentenceRMActor.options(num_cpus=cfg.sentence_rm_cpus, num_gpus=cfg.sentence_rm_gpus)
+                            .remote(cfg.sentence_rm, cfg.model.device) if cfg.advantage.sentence_rm_weight else None)
         self.learner = LearnerGroup(model_path, cfg.model, cfg.learner, role="policy")
         self.critic = LearnerGroup(model_path, cfg.model, cfg.learner, role="critic") if cfg.advantage.estimator == "gae" else None
-        wait([s.__ray_ready__.remote() for s in self.scorers] + [e.__ray_ready__.remote() for e in self.engines])
+        wait([actor.__ray_ready__.remote() for actor in self.scorers + self.engines + ([self.sentence_rm] if self.sentence_rm else [])])
         self.last_batch = None
 
     def generate(self, prompts: pa.Table, seed: int, n_samples: int) -> list:
@@ -57,8 +60,11 @@ class RLWorkers:
         return wait(refs)
 
     def score(self, rollout_refs: list) -> ray.ObjectRef:
-        """Endogenous rewards + reference log-probs (one forward pass) per shard; one table ref back."""
+        """Endogenous rewards + reference log-probs (one forward pass) per shard, then the sentence RM's dense
+        rewards when it is a reward source; one table ref back."""
         scored = [self.scorers[i % len(self.scorers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
+        if self.sentence_rm:
+            scored = [self.sentence_rm.score.remote(ref) for ref in scored]
         return wait([concat_task.remote(*scored)])[0]
 
     def values(self, scored_ref) -> list | None:
@@ -94,8 +100,11 @@ class RLWorkers:
         """One sample per held-out prompt from the current policy, scored by the frozen base model."""
         scored = ray.get(self.score(self.generate(prompts, seed=seed, n_samples=1)))
         lengths = [len(r) for r in ragged_to_numpy(scored["response_ids"])]
-        return {"heldout/reward": float(np.mean(scored["reward"].to_numpy())),
-                "heldout/response_length": float(np.mean(lengths))}
+        metrics = {"heldout/reward": float(np.mean(scored["reward"].to_numpy())),
+                   "heldout/response_length": float(np.mean(lengths))}
+        if "sentence_reward" in scored.column_names:
+            metrics["heldout/sentence_rm"] = float(np.mean(scored["sentence_reward"].to_numpy()))
+        return metrics
 
     def save(self, path: str, state: dict) -> None:
         self.learner.save_checkpoint(os.path.join(path, "policy"), state)
@@ -115,5 +124,5 @@ class RLWorkers:
         self.learner.shutdown()
         if self.critic:
             self.critic.shutdown()
-        for actor in self.engines + self.scorers:
+        for actor in self.engines + self.scorers + ([self.sentence_rm] if self.sentence_rm else []):
             ray.kill(actor)

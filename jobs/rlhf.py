@@ -45,6 +45,10 @@ class RLConfig:
     scorers: int = opt(1, "frozen base-model actors (endogenous reward + reference log-probs)")
     scorer_cpus: float = opt(1, "CPUs per base-model actor")
     scorer_gpus: float = opt(0, "GPUs per base-model actor")
+    sentence_rm: str = opt("", "trained sentence RM folder (jobs.train_rm's output/final); used when "
+                               "advantage.sentence_rm_weight != 0")
+    sentence_rm_cpus: float = opt(1, "CPUs of the sentence-RM actor")
+    sentence_rm_gpus: float = opt(0, "GPUs of the sentence-RM actor")
     model: ModelConfig = opt(factory=ModelConfig)
     reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
     advantage: AdvantageConfig = opt(factory=AdvantageConfig)
@@ -69,9 +73,10 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int) -> None:
     if cfg.prompts_per_step > prompt_count:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is more than the {prompt_count} training prompts. "
                          f"Fix: lower it or give more prompts.")
-    if cfg.advantage.sentence_rm_weight:
-        raise SystemExit("--advantage.sentence_rm_weight needs the sentence-RM actor, which this job does not start yet. "
-                         "Fix: leave it at 0.")
+    if cfg.advantage.sentence_rm_weight and not os.path.exists(os.path.join(cfg.sentence_rm, "reward_model.yaml")):
+        raise SystemExit(f"--advantage.sentence_rm_weight {cfg.advantage.sentence_rm_weight} needs a trained sentence RM, "
+                         f"but --sentence_rm {cfg.sentence_rm!r} holds no reward_model.yaml. Fix: train one with "
+                         f"jobs.train_rm and pass its output/final folder.")
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -39,3 +39,22 @@ def local_ray():
     init_ray(RayConfig(num_cpus=8))  # logical CPUs: the RL phases run one after another
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_sentence_rm_dir(tiny_model_dir, tmp_path_factory) -> str:
+    """A random sentence RM on the tiny backbone, saved as jobs.train_rm saves one."""
+    import torch
+    from transformers import AutoModel
+
+    from pipeline.models import load_tokenizer
+    from pipeline.sentence_rm import RewardModelConfig, add_boundary_token, build_reward_model, save_reward_model
+
+    out_dir = str(tmp_path_factory.mktemp("tiny_sentence_rm"))
+    tokenizer = load_tokenizer(tiny_model_dir)
+    backbone = AutoModel.from_pretrained(tiny_model_dir)
+    boundary_id = add_boundary_token(tokenizer, backbone)
+    torch.manual_seed(0)
+    model = build_reward_model("sentence", backbone, boundary_id, attn_dim=16)
+    save_reward_model(model, tokenizer, out_dir, RewardModelConfig(attn_dim=16))
+    return out_dir

@@ -72,3 +72,13 @@ def test_resume_reproduces_the_next_step(tmp_path, tiny_model_dir, local_ray):
         if not key.startswith(TIME_KEYS):
             assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert os.path.exists(resumed / "checkpoints" / "step_000002" / "driver_state.json")
+
+
+def test_combined_endogenous_and_sentence_rm_reward_runs_and_logs_both(tmp_path, tiny_model_dir, tiny_sentence_rm_dir,
+                                                                       local_ray):
+    rlhf.main(tiny_args(tiny_model_dir, tmp_path, "--steps", "1", "--checkpoint_every", "0",
+                        "--advantage.sentence_rm_weight", "0.5", "--sentence_rm", tiny_sentence_rm_dir))
+    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    step = metrics[-1]
+    assert np.isfinite(step["reward/endogenous"]) and np.isfinite(step["reward/sentence_rm"])
+    assert "heldout/sentence_rm" in metrics[0] and np.isfinite(step["policy/loss"])

@@ -13,24 +13,6 @@ from pipeline.sentence_rm import (RewardModelConfig, add_boundary_token, build_r
                                   save_reward_model)
 
 
-def build_tiny_rm(backbone_dir: str, out_dir: str, seed: int = 0) -> str:
-    """A random sentence RM on the tiny backbone, saved as training would save it."""
-    from transformers import AutoModel
-
-    tokenizer = load_tokenizer(backbone_dir)
-    backbone = AutoModel.from_pretrained(backbone_dir)
-    boundary_id = add_boundary_token(tokenizer, backbone)
-    torch.manual_seed(seed)
-    model = build_reward_model("sentence", backbone, boundary_id, attn_dim=16)
-    save_reward_model(model, tokenizer, out_dir, RewardModelConfig(attn_dim=16))
-    return out_dir
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    return build_tiny_rm(tiny_model_dir, str(tmp_path_factory.mktemp("tiny_sentence_rm")))
-
-
 def rollout_like(tokenizer) -> pa.Table:
     texts = ["One. Two.", "A single sentence", "Hi! How are you? Fine.", "Cut here. And th"]
     finished = [True, True, True, False]
@@ -41,15 +23,15 @@ def rollout_like(tokenizer) -> pa.Table:
                      "tag": [f"row{i}" for i in range(4)]})
 
 
-def test_actor_appends_dense_rewards_in_row_order(rm_dir, local_ray):
-    model, tokenizer, _ = load_reward_model(rm_dir)
+def test_actor_appends_dense_rewards_in_row_order(tiny_sentence_rm_dir, local_ray):
+    model, tokenizer, _ = load_reward_model(tiny_sentence_rm_dir)
     table = rollout_like(tokenizer)
     want_dense, want_scores = dense_sentence_rewards(model, tokenizer, tokenizer.convert_tokens_to_ids("<END>"),
                                                      ragged_to_numpy(table["prompt_ids"]),
                                                      ragged_to_numpy(table["response_ids"]), "pysbd",
                                                      table["finished"].to_pylist())
 
-    actor = SentenceRMActor.remote(rm_dir, "cpu")
+    actor = SentenceRMActor.remote(tiny_sentence_rm_dir, "cpu")
     scored = local_ray.get(actor.score.remote(local_ray.put(table)))
     assert scored.column_names == table.column_names + [name for name, _ in SENTENCE_RM_FIELDS]
     assert scored.schema.field("sentence_rewards").type == pa.list_(pa.float32())
@@ -64,12 +46,12 @@ def test_actor_appends_dense_rewards_in_row_order(rm_dir, local_ray):
     local_ray.kill(actor)
 
 
-def test_cuda_request_without_gpu_fails_loudly(rm_dir, local_ray):
+def test_cuda_request_without_gpu_fails_loudly(tiny_sentence_rm_dir, local_ray):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="no CUDA GPU.*set the device option to 'cpu'"):
-        SentenceRMScorer(rm_dir, "cuda")
-    actor = SentenceRMActor.remote(rm_dir, "cuda")
+        SentenceRMScorer(tiny_sentence_rm_dir, "cuda")
+    actor = SentenceRMActor.remote(tiny_sentence_rm_dir, "cuda")
     with pytest.raises(Exception, match="no CUDA GPU"):
         local_ray.get(actor.__ray_ready__.remote())
 

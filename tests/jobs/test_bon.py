@@ -5,14 +5,8 @@ import numpy as np
 import pytest
 
 from jobs import bon
-from tests.actors.test_sentence_rm import build_tiny_rm
 
 PROMPTS = ["Name a fruit.", "Say hi."]
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_model_dir, tmp_path_factory):
-    return build_tiny_rm(tiny_model_dir, str(tmp_path_factory.mktemp("bon_rm")))
 
 
 def prompts_file(tmp_path):
@@ -30,9 +24,9 @@ def run(tiny_model_dir, tmp_path, *args):
 
 
 @pytest.mark.slow
-def test_best_of_n_keeps_the_top_candidate(tmp_path, tiny_model_dir, rm_dir, local_ray):
+def test_best_of_n_keeps_the_top_candidate(tmp_path, tiny_model_dir, tiny_sentence_rm_dir, local_ray):
     runs = {"endogenous": run(tiny_model_dir, tmp_path, "--reward", "endogenous"),
-            "sentence_rm": run(tiny_model_dir, tmp_path, "--reward", "sentence_rm", "--rm_path", rm_dir)}
+            "sentence_rm": run(tiny_model_dir, tmp_path, "--reward", "sentence_rm", "--rm_path", tiny_sentence_rm_dir)}
     for source, rows in runs.items():
         assert [r["prompt"][0]["content"] for r in rows] == PROMPTS and len({r["prompt_id"] for r in rows}) == 2
         for r in rows:
