@@ -97,8 +97,9 @@ class RLWorkers:
         return logprob_parity(engine_logp, self.learner.logprobs(probe, temperature=1.0))
 
     def heldout_reward(self, prompts: pa.Table, seed: int) -> dict:
-        """One sample per held-out prompt from the current policy, scored by the frozen base model."""
-        scored = ray.get(self.score(self.generate(prompts, seed=seed, n_samples=1)))
+        """Samples of the held-out prompts from the current policy, scored like training rollouts. The seed is
+        the same at every evaluation, so successive evaluations differ by the policy, not by the noise."""
+        scored = ray.get(self.score(self.generate(prompts, seed=seed, n_samples=self.cfg.heldout_samples)))
         lengths = [len(r) for r in ragged_to_numpy(scored["response_ids"])]
         metrics = {"heldout/reward": float(np.mean(scored["reward"].to_numpy())),
                    "heldout/response_length": float(np.mean(lengths))}

@@ -3,8 +3,10 @@
     .venv/bin/python -m bench.endo_throughput [--pairs 48] [--dtype float32] [--pack_tokens 512]
 
 All three run in this one process on the same HH pairs and the real model; the ratios are what to compare
-(absolute tokens/s depend on the machine and its load). "bare forward" is model(...) on the same packed rows
-with no reward arithmetic: the floor that scoring can only approach.
+(absolute tokens/s depend on the machine and its load). The project's path packs a pair's prompt once with
+both responses behind it (tree mask) and runs the LM head only where a response token is predicted.
+"bare forward" is the model (hidden states + full logits) on exactly the same packed tokens with no reward
+arithmetic. tok/s counts the tokens of the pairs as given (prompt twice per pair) for all three.
 Targets (issue 2): packed >= 0.9x bare forward, >= 2x padded.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from pipeline.chat import encode_prompt, encode_response
 from pipeline.data import load_hh
-from pipeline.endogenous import EndoRewardConfig, pack_by_budget, score_endogenous
+from pipeline.endogenous import EndoRewardConfig, group_by_prompt, pack_by_budget, packed_hidden_states, score_endogenous
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_model
 
 
@@ -43,12 +45,12 @@ def padded_pair_scoring(model, prompts, responses, pad_id):
 
 @torch.no_grad()
 def bare_forward(model, prompts, responses, pack_tokens):
-    """model(...) on exactly the packed rows the scorer uses; logits are computed and discarded."""
-    seqs = [np.array(p + r) for p, r in zip(prompts, responses)]
-    for pack in pack_by_budget([len(s) for s in seqs], pack_tokens):
-        ids = torch.from_numpy(np.concatenate([seqs[i] for i in pack]))[None]
-        pos = torch.cat([torch.arange(len(seqs[i])) for i in pack])[None]
-        model(input_ids=ids, position_ids=pos, use_cache=False)
+    """The model on exactly the packed, prompt-shared tokens the scorer uses: hidden states + full logits."""
+    groups = group_by_prompt(prompts)
+    sizes = [len(prompts[g[0]]) + sum(len(responses[i]) for i in g) for g in groups]
+    for pack in pack_by_budget(sizes, pack_tokens):
+        segments = [(np.asarray(prompts[groups[g][0]]), [np.asarray(responses[i]) for i in groups[g]]) for g in pack]
+        model.get_output_embeddings()(packed_hidden_states(model, segments))
 
 
 def timed(fn, repeats: int) -> float:

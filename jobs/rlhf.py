@@ -31,6 +31,7 @@ class RLConfig:
     local: bool = opt(False, "local debug mode: an embedded single-node Ray, even if RAY_ADDRESS is set")
     prompts: str = opt("builtin", "'builtin', or a prompts/pairs file (.jsonl/.parquet/.json) or HF dataset name")
     heldout_fraction: float = opt(0.125, "share of prompts held out to measure the reward of the policy")
+    heldout_samples: int = opt(4, "samples per held-out prompt at each evaluation (same seed every time)")
     steps: int = opt(20, "RL iterations")
     prompts_per_step: int = opt(8, "prompts per iteration (each sampled rollout.n_samples times)")
     seed: int = opt(0, "seed of the prompt order and the sampling")

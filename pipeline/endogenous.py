@@ -8,9 +8,12 @@ Token MDP: s_h = prompt + a_1..a_{h-1}, action a_h = next token, gamma = 1, f(s)
     R       = sum_h r_h = alpha * log pi(y|x) + V(s_1),   pi = softmax(f / alpha)
 The same pass yields log pi_ref(a_h | s_h) = f(s_h)[a_h] - logsumexp f(s_h) for the KL penalty.
 
-Sequences are packed into rows without padding (position ids restart per sequence and transformers builds a
-block-diagonal causal mask from them); the LM head and the float32 log-sum-exp run only at the positions
-that predict a response token, plus the one after the last token.
+Packing: rows that share a prompt (a preference pair's chosen and rejected; the n RL samples of a prompt) are
+one segment, the prompt once followed by each response; segments are packed into forward passes with no
+padding. A tree-shaped attention mask lets each response see its prompt and itself only, and position ids
+restart per segment and continue from the prompt in every response, so every token gets exactly the hidden
+state of its own unpacked sequence while the prompt is computed once. The LM head and the float32
+log-sum-exp run only at the positions that predict a response token, plus the one after the last token.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ class EndoScores:
 
 
 def pack_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
-    """Group sequence indices, in order, into packs of at most `budget` tokens (a longer one goes alone)."""
+    """Group item indices, in order, into packs of at most `budget` tokens (a longer one goes alone)."""
     packs, current, used = [], [], 0
     for i, n in enumerate(lengths):
         if current and used + n > budget:
@@ -60,12 +63,42 @@ def pack_by_budget(lengths: list[int], budget: int) -> list[list[int]]:
     return packs
 
 
-def packed_hidden_states(model, sequences: list[np.ndarray]) -> torch.Tensor:
-    """Last hidden states [sum(len), d] of several sequences packed into one row, no padding."""
+def group_by_prompt(prompt_ids: list) -> list[list[int]]:
+    """Row indices grouped by identical prompt, groups in order of first appearance."""
+    groups: dict[bytes, list[int]] = {}
+    for i, p in enumerate(prompt_ids):
+        groups.setdefault(np.asarray(p, dtype=np.int64).tobytes(), []).append(i)
+    return list(groups.values())
+
+
+def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray]]]) -> torch.Tensor:
+    """Last hidden states [T, d] of (prompt, [responses]) segments packed into one forward pass, no padding.
+
+    Layout: prompt_1, responses of 1 ..., prompt_2, ... A response attends to its own prompt and to itself
+    (tree mask); its position ids continue from the prompt, as if it were alone after that prompt.
+    """
+    tokens, positions, segment_of, branch_of = [], [], [], []
+    for s, (prompt, responses) in enumerate(segments):
+        tokens.append(prompt)
+        positions.append(np.arange(len(prompt)))
+        segment_of.append(np.full(len(prompt), s))
+        branch_of.append(np.full(len(prompt), -1))  # -1: the shared prompt
+        for b, response in enumerate(responses):
+            tokens.append(response)
+            positions.append(np.arange(len(prompt), len(prompt) + len(response)))
+            segment_of.append(np.full(len(response), s))
+            branch_of.append(np.full(len(response), b))
     device = model.device
-    input_ids = torch.from_numpy(np.concatenate(sequences).astype(np.int64)).to(device)[None]
-    position_ids = torch.cat([torch.arange(len(s), device=device) for s in sequences])[None]
-    out = model.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+    segment = torch.from_numpy(np.concatenate(segment_of)).to(device)
+    branch = torch.from_numpy(np.concatenate(branch_of)).to(device)
+    index = torch.arange(len(segment), device=device)
+    # query q may attend to key k: same segment, k not after q, and k is prompt or on q's own branch
+    allowed = ((segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+               & ((branch[None, :] == -1) | (branch[None, :] == branch[:, None])))
+    input_ids = torch.from_numpy(np.concatenate(tokens).astype(np.int64)).to(device)[None]
+    position_ids = torch.from_numpy(np.concatenate(positions)).to(device)[None]
+    out = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=allowed[None, None],
+                           use_cache=False)
     return out.last_hidden_state[0]
 
 
@@ -89,23 +122,30 @@ def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list
     n = len(prompt_ids)
     token_rewards, ref_logprobs = [None] * n, [None] * n
     rewards = np.zeros(n, dtype=np.float32)
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
-    for pack in pack_by_budget(lengths, cfg.pack_tokens):
-        sequences = [np.concatenate([prompt_ids[i], response_ids[i]]) for i in pack]
-        hidden = packed_hidden_states(model, sequences)
-        # Logits at position t predict token t+1: the states s_1..s_{H+1} of a response sit at rows P-1 .. P+H-1.
-        rows, targets, start = [], [], 0
-        for i, seq in zip(pack, sequences):
-            p, h = len(prompt_ids[i]), len(response_ids[i])
-            rows.append(torch.arange(start + p - 1, start + p + h))
-            targets.append(torch.cat([torch.as_tensor(np.array(response_ids[i], dtype=np.int64)),
-                                      torch.zeros(1, dtype=torch.long)]))  # no action after the last state
-            start += len(seq)
+    groups = group_by_prompt(prompt_ids)
+    sizes = [len(prompt_ids[g[0]]) + sum(len(response_ids[i]) for i in g) for g in groups]
+    for pack in pack_by_budget(sizes, cfg.pack_tokens):
+        segments = [(np.asarray(prompt_ids[groups[g][0]]), [np.asarray(response_ids[i]) for i in groups[g]]) for g in pack]
+        hidden = packed_hidden_states(model, segments)
+        # Logits at position t predict token t+1. States s_1..s_{H+1} of a response: the prompt's last token
+        # (s_1, shared by the group), then each response token (s_{h+1} follows a_h).
+        rows, targets, order, start = [], [], [], 0
+        for g in pack:
+            p = len(prompt_ids[groups[g][0]])
+            response_start = start + p
+            for i in groups[g]:
+                h = len(response_ids[i])
+                rows.append(torch.cat([torch.tensor([start + p - 1]), torch.arange(response_start, response_start + h)]))
+                targets.append(torch.cat([torch.as_tensor(np.array(response_ids[i], dtype=np.int64)),
+                                          torch.zeros(1, dtype=torch.long)]))  # no action after the last state
+                order.append(i)
+                response_start += h
+            start = response_start
         rows_t = torch.cat(rows).to(hidden.device)
         q, v, lse = head_statistics(model, hidden[rows_t], torch.cat(targets).to(hidden.device), cfg.alpha, cfg.logit_chunk)
         q, v, lse = q.cpu().double(), v.cpu().double(), lse.cpu().double()
         offset = 0
-        for i in pack:
+        for i in order:
             h = len(response_ids[i])
             q_i, v_i, lse_i = q[offset:offset + h], v[offset:offset + h + 1], lse[offset:offset + h]
             offset += h + 1

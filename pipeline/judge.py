@@ -44,7 +44,7 @@ def judge_margins(model, prompt_ids: list, a_id: int, b_id: int, pack_tokens: in
     margins = np.zeros(len(prompt_ids), dtype=np.float32)
     lm_head = model.get_output_embeddings()
     for pack in pack_by_budget([len(p) for p in prompt_ids], pack_tokens):
-        hidden = packed_hidden_states(model, [np.asarray(prompt_ids[i]) for i in pack])
+        hidden = packed_hidden_states(model, [(np.asarray(prompt_ids[i]), []) for i in pack])
         last_rows = torch.as_tensor(np.cumsum([len(prompt_ids[i]) for i in pack]) - 1, device=hidden.device)
         logprobs = torch.log_softmax(lm_head(hidden[last_rows]).float(), dim=-1)
         margins[pack] = (logprobs[:, a_id] - logprobs[:, b_id]).cpu().numpy()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.chat import encode_prompt, encode_response
-from pipeline.endogenous import EndoRewardConfig, pack_by_budget, score_endogenous
+from pipeline.endogenous import EndoRewardConfig, group_by_prompt, pack_by_budget, score_endogenous
 from pipeline.models import load_causal_lm, load_tokenizer
 
 PROMPTS = ["What is the capital of France?", "Write one sentence about the sea.", "How do I boil an egg?"]
@@ -43,10 +43,12 @@ def test_real_model_matches_float64_reference_per_token(real_model_dir, alpha):
     model, tokenizer = load_causal_lm(real_model_dir), load_tokenizer(real_model_dir)
     prompts, responses = encoded(tokenizer)
     responses[2] = responses[2][:-6]  # a truncated response without EOS
-    finished = [True, True, False]
+    prompts.append(prompts[0])  # a second response to the first prompt: the two share the prompt when packed
+    responses.append(encode_response(tokenizer, "Paris."))
+    finished = [True, True, False, True]
     cfg = EndoRewardConfig(alpha=alpha, truncated_terminal="value", pack_tokens=128)  # several packs
     scores = score_endogenous(model, prompts, responses, finished, cfg)
-    for i in range(3):
+    for i in range(4):
         r, ref_logp = reference_rewards(model, prompts[i], responses[i], alpha, finished[i], "value")
         assert np.abs(scores.token_rewards[i] - r).max() < 1e-4
         assert np.abs(scores.ref_logprobs[i] - ref_logp).max() < 1e-4
@@ -66,13 +68,19 @@ def tiny(tiny_model_dir):
 def test_tiny_model_matches_reference_and_packing_changes_nothing(tiny):
     model, tokenizer = tiny
     prompts, responses = encoded(tokenizer)
-    one_pack = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(pack_tokens=4096))
-    many_packs = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(pack_tokens=1, logit_chunk=3))
-    for i in range(3):
+    # rows 3..5 reuse prompts (like a pair's chosen/rejected): they share one prompt in the packed pass
+    prompts, responses = prompts + [prompts[0], prompts[2], prompts[0]], responses + [responses[1], responses[0], responses[2]]
+    one_pack = score_endogenous(model, prompts, responses, [True] * 6, EndoRewardConfig(pack_tokens=4096))
+    many_packs = score_endogenous(model, prompts, responses, [True] * 6, EndoRewardConfig(pack_tokens=1, logit_chunk=3))
+    for i in range(6):
         r, ref_logp = reference_rewards(model, prompts[i], responses[i], 1.0, True)
         np.testing.assert_allclose(one_pack.token_rewards[i], r, atol=1e-4)
         np.testing.assert_allclose(one_pack.ref_logprobs[i], ref_logp, atol=1e-4)
         np.testing.assert_allclose(many_packs.token_rewards[i], one_pack.token_rewards[i], atol=1e-5)
+
+
+def test_rows_are_grouped_by_identical_prompt():
+    assert group_by_prompt([[1, 2], [3], [1, 2], [1], [3]]) == [[0, 2], [1, 4], [3]]
 
 
 def test_terminal_value_option_only_affects_unfinished_responses(tiny):
