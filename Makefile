@@ -18,7 +18,7 @@ $(STAMP): constraints.txt pyproject.toml
 	touch $@
 
 run: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m jobs.eval_rewards --data ../shared/data/llmbar/Natural.json --output outputs/eval_natural
+	HF_HUB_OFFLINE=1 $(PY) -m jobs.rlhf --config configs/local.yaml
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

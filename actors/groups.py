@@ -85,7 +85,7 @@ class RLWorkers:
 
     def sync_weights(self) -> float:
         """Learner rank 0's full state dict -> every engine, through the object store (no files)."""
-        state_ref = self.learner.state_dict_ref()
+        state_ref = self.learner.state_dict_ref(self.cfg.rollout_dtype)  # in the engine's dtype: half the bytes in bf16
         return max(ray.get([engine.load_weights.remote(state_ref) for engine in self.engines]))
 
     def check_sync(self, rows: int = 2) -> float:

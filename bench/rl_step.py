@@ -69,7 +69,8 @@ def main() -> None:
     steps = [r for r in rows if "time/step" in r][1:]  # skip step 1 (warm-up)
     if not steps:
         raise SystemExit(f"{run}/metrics.jsonl has fewer than 2 training steps")
-    mean = {k: statistics.mean(r.get(k, 0.0) for r in steps) for k in steps[0] if k.startswith("time/")}
+    phases = sorted({k for r in steps for k in r if k.startswith("time/")})
+    mean = {k: statistics.mean(r.get(k, 0.0) for r in steps) for k in phases}  # a phase absent in a step took 0 s
     step_time = mean["time/step"]
     print(f"run {run}: {len(steps)} steps after warm-up, mean step {step_time:.2f} s")
     for key, value in sorted(mean.items(), key=lambda kv: -kv[1]):
