@@ -53,13 +53,17 @@ def bare_forward(model, prompts, responses, pack_tokens):
         model.get_output_embeddings()(packed_hidden_states(model, segments))
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
+def best_times(methods: dict, rounds: int) -> dict[str, float]:
+    """Best wall time of each method over `rounds`, the methods interleaved (ABCABC) so that load drifting on a
+    shared machine hits all of them alike."""
+    for fn in methods.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
@@ -68,7 +72,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=48)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--pack_tokens", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--data", default="../shared/data/hh_harmless_base_test.jsonl")
     args = ap.parse_args()
 
@@ -84,12 +88,14 @@ def main() -> None:
     tokens = sum(len(p) + len(r) for p, r in zip(prompts, responses))
     cfg = EndoRewardConfig(pack_tokens=args.pack_tokens)
 
-    t_packed = timed(lambda: score_endogenous(model, prompts, responses, [True] * len(prompts), cfg), args.repeats)
-    t_bare = timed(lambda: bare_forward(model, prompts, responses, args.pack_tokens), args.repeats)
-    t_padded = timed(lambda: padded_pair_scoring(model, prompts, responses, tokenizer.pad_token_id), args.repeats)
+    best = best_times({"packed": lambda: score_endogenous(model, prompts, responses, [True] * len(prompts), cfg),
+                       "bare": lambda: bare_forward(model, prompts, responses, args.pack_tokens),
+                       "padded": lambda: padded_pair_scoring(model, prompts, responses, tokenizer.pad_token_id)},
+                      args.repeats)
+    t_packed, t_bare, t_padded = best["packed"], best["bare"], best["padded"]
 
     print(f"{args.pairs} HH pairs, {tokens} tokens, {args.dtype}, pack_tokens={args.pack_tokens}, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats}")
+          f"{torch.get_num_threads()} threads, best of {args.repeats} interleaved rounds")
     for name, t in (("packed scoring", t_packed), ("bare forward (same packs)", t_bare), ("padded per-pair scoring", t_padded)):
         print(f"  {name:28s} {tokens / t:8.0f} tok/s")
     print(f"packed / bare forward = {t_bare / t_packed:.2f}x  (target >= 0.9x)")
