@@ -34,7 +34,7 @@ from pipeline.config import from_dict, opt, parse_config, to_yaml
 from pipeline.data import load_prompts
 from pipeline.driver import tokenize_prompts
 from pipeline.endogenous import EndoRewardConfig
-from pipeline.models import ModelConfig, ModelNotFoundError, check_device, context_window, load_tokenizer, resolve_model
+from pipeline.models import ModelConfig, check_device, open_model
 from pipeline.rollout import RolloutConfig
 from pipeline.sentence_rm import CONFIG_FILE, RewardModelConfig
 
@@ -143,16 +143,8 @@ def best_of_n(cfg: BoNConfig) -> str:
         prompts = prompts.slice(0, cfg.max_prompts)
     if prompts.num_rows == 0:
         raise SystemExit(f"--prompts {cfg.prompts!r} gave zero prompts. Fix: point it at a file with a `prompt` column.")
-    try:
-        model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
-    except ModelNotFoundError as e:
-        raise SystemExit(f"--model.name: {e}")
-    tokenizer = load_tokenizer(model_path)
-    from transformers import AutoConfig
-    window = context_window(AutoConfig.from_pretrained(model_path), cfg.model.max_length)
-    if cfg.rollout.max_model_len > window:
-        raise SystemExit(f"rollout.max_prompt_tokens + rollout.max_new_tokens = {cfg.rollout.max_model_len - 1} is over "
-                         f"the model's window of {window} tokens. Fix: lower one of them.")
+    model_path, tokenizer, window = open_model(cfg.model)
+    cfg.rollout.check_fits(window)
     try:
         prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.endogenous.system_prompt, cfg.rollout.max_prompt_tokens)
     except ValueError as e:

@@ -25,7 +25,7 @@ from pipeline.data import load_preference_data
 from pipeline.endogenous import EndoRewardConfig
 from pipeline.evaluation import accuracy_table, markdown_table
 from pipeline.judge import judge_prompt_ids
-from pipeline.models import ModelConfig, ModelNotFoundError, check_device, context_window, load_tokenizer, resolve_model
+from pipeline.models import ModelConfig, check_device, open_model
 
 
 @dataclasses.dataclass
@@ -85,13 +85,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise SystemExit(f"--data {cfg.data!r} holds no usable pairs ({len(skipped)} skipped). Fix: check the file and --format.")
     for line in skipped:
         print(f"skipped: {line}")
-    try:
-        path = resolve_model(cfg.model.name, cfg.model.cache_dir)
-    except ModelNotFoundError as e:
-        raise SystemExit(f"--model.name: {e}")
-    tokenizer = load_tokenizer(path)
-    from transformers import AutoConfig
-    window = context_window(AutoConfig.from_pretrained(path), cfg.model.max_length)
+    _, tokenizer, window = open_model(cfg.model)
     try:
         requests, truncated = encode_pairs(pairs, tokenizer, window, cfg.reward)
     except ValueError as e:

@@ -20,7 +20,7 @@ from pipeline.data import builtin_prompts, load_prompts, split_prompts
 from pipeline.driver import rl_loop, tokenize_prompts
 from pipeline.endogenous import EndoRewardConfig
 from pipeline.experience import AdvantageConfig
-from pipeline.models import ModelConfig, check_device, context_window, load_tokenizer, resolve_model
+from pipeline.models import ModelConfig, check_device, open_model
 from pipeline.policy import LearnerConfig
 from pipeline.rollout import RolloutConfig
 from pipeline.runlog import RunLog, latest_checkpoint, plot_curves
@@ -91,13 +91,8 @@ def main(argv: list[str] | None = None) -> str:
     except (OSError, ValueError) as e:
         raise SystemExit(f"--prompts: {e}")
     check_config(cfg, train_prompts.num_rows, heldout_prompts.num_rows)
-    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
-    tokenizer = load_tokenizer(model_path)
-    from transformers import AutoConfig
-    window = context_window(AutoConfig.from_pretrained(model_path), cfg.model.max_length)
-    if cfg.rollout.max_model_len > window:
-        raise SystemExit(f"rollout.max_prompt_tokens + rollout.max_new_tokens = {cfg.rollout.max_model_len - 1} is over the "
-                         f"model's window of {window} tokens. Fix: lower one of them.")
+    model_path, tokenizer, window = open_model(cfg.model)
+    cfg.rollout.check_fits(window)
     try:
         train_ids = tokenize_prompts(train_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)
         heldout_ids = tokenize_prompts(heldout_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)

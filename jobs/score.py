@@ -25,7 +25,7 @@ from pipeline.chat import encode_prompt, encode_response, fit_to_window
 from pipeline.config import opt, parse_config, to_yaml
 from pipeline.data import prompt_field, read_records, require_columns, text_field
 from pipeline.endogenous import EndoRewardConfig
-from pipeline.models import ModelConfig, ModelNotFoundError, check_device, context_window, load_tokenizer, resolve_model
+from pipeline.models import ModelConfig, check_device, open_model
 
 
 @dataclasses.dataclass
@@ -84,13 +84,7 @@ def score_file(cfg: ScoreConfig) -> str:
     if cfg.output.endswith(".parquet") and len({type(row["prompt"]) for row in rows}) > 1:
         rows = [dict(row, prompt=m) for row, m in zip(rows, messages)]  # a parquet column holds one type
     writer = OutputWriter(cfg.output)
-    try:
-        path = resolve_model(cfg.base.name, cfg.base.cache_dir)
-    except ModelNotFoundError as e:
-        raise SystemExit(f"--model: {e}")
-    tokenizer = load_tokenizer(path)
-    from transformers import AutoConfig
-    window = context_window(AutoConfig.from_pretrained(path), cfg.base.max_length)
+    _, tokenizer, window = open_model(cfg.base, flag="--model")
     prompt_ids, response_ids, dropped = [], [], []
     for i, (m, r) in enumerate(zip(messages, responses)):
         try:

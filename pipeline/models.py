@@ -115,6 +115,19 @@ def context_window(model_config, max_length: int = 0) -> int:
     return max_length or int(getattr(model_config, "max_position_embeddings", 2048))
 
 
+def open_model(cfg: ModelConfig, flag: str = "--model.name"):
+    """(folder, tokenizer, context window) of the configured model, for a job's checks before any actor
+    starts; a model that cannot be found stops the job with a message naming `flag` and the fix."""
+    from transformers import AutoConfig
+
+    try:
+        path = resolve_model(cfg.name, cfg.cache_dir)
+        tokenizer = load_tokenizer(path)
+    except ModelNotFoundError as e:
+        raise SystemExit(f"{flag}: {e}")
+    return path, tokenizer, context_window(AutoConfig.from_pretrained(path), cfg.max_length)
+
+
 def build_tiny_model(out_dir: str, tokenizer_dir: str, seed: int = 0, layers: int = 2) -> str:
     """A random 2-layer Llama with the real tokenizer, for fast tests (head_dim 64: vLLM accepts it)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -68,6 +68,12 @@ class RolloutConfig:
             if not ok:
                 raise ValueError(f"rollout.{name} {rule}, got {getattr(self, name)!r}. Fix: {fix}")
 
+    def check_fits(self, window: int) -> None:
+        """Stop a job whose longest prompt + response cannot fit the model's window."""
+        if self.max_model_len > window:
+            raise SystemExit(f"rollout.max_prompt_tokens + rollout.max_new_tokens = {self.max_model_len - 1} is over "
+                             f"the model's window of {window} tokens. Fix: lower one of them.")
+
     @property
     def max_model_len(self) -> int:
         """Engine context: the longest prompt + response, +1 because vLLM must be able to produce one more

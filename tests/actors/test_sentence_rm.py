@@ -9,7 +9,7 @@ from pipeline.arrow import numpy_to_ragged, ragged_to_numpy
 from pipeline.chat import encode_prompt, encode_response
 from pipeline.models import load_tokenizer
 from pipeline.sentence_rewards import dense_sentence_rewards
-from pipeline.sentence_rm import (RewardModelConfig, add_boundary_token, build_reward_model, load_reward_model,
+from pipeline.sentence_rm import (RewardModelConfig, build_reward_model, load_reward_model,
                                   save_reward_model)
 
 

@@ -55,3 +55,10 @@ def test_resume_without_checkpoint(tmp_path, tiny_model_dir):
 def test_sentence_rm_weight_needs_a_trained_rm(tmp_path, tiny_model_dir):
     refuse(tiny_model_dir, "--advantage.sentence_rm_weight", "1", "--sentence_rm", str(tmp_path),
            match="needs a trained sentence RM.*jobs.train_rm")
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    # regression: jobs.rlhf let ModelNotFoundError escape as a traceback
+    with pytest.raises(SystemExit, match="--model.name: model path .* does not exist"):
+        rlhf.main(["--local", "--model.name", str(tmp_path / "no_model")])
+    assert not ray.is_initialized()
