@@ -1,16 +1,22 @@
-"""jobs.rlhf refuses bad input with a clear message before any actor starts (Ray is never initialised here)."""
+"""jobs.rlhf refuses bad input with a clear message before Ray or any actor starts."""
 import json
 
 import pytest
-import ray
 
 from jobs import rlhf
+
+
+@pytest.fixture(autouse=True)
+def no_ray_start(monkeypatch):
+    """Every refusal here must come before Ray or any actor starts: starting Ray fails the test."""
+    def started(*args, **kwargs):
+        raise AssertionError("jobs.rlhf started Ray before refusing the input")
+    monkeypatch.setattr(rlhf, "init_ray", started)
 
 
 def refuse(tiny_model_dir, *args, match):
     with pytest.raises(SystemExit, match=match):
         rlhf.main(["--local", "--model.name", tiny_model_dir, *args])
-    assert not ray.is_initialized()  # refused before any work started
 
 
 def test_zero_prompts(tmp_path, tiny_model_dir):
@@ -61,4 +67,3 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     # regression: jobs.rlhf let ModelNotFoundError escape as a traceback
     with pytest.raises(SystemExit, match="--model.name: model path .* does not exist"):
         rlhf.main(["--local", "--model.name", str(tmp_path / "no_model")])
-    assert not ray.is_initialized()
