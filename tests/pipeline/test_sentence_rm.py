@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from pipeline.models import build_tiny_model, load_tokenizer, resolve_model
+from pipeline.models import load_tokenizer
 from pipeline.sentence_rm import (BOUNDARY_TOKEN, RewardModelConfig, SentenceRewardModel, add_boundary_token,
                                   apply_rotary, bradley_terry_loss, build_reward_model, build_rm_input,
                                   build_sentence_rm_input, collate_rm_inputs, load_reward_model, save_reward_model)
@@ -18,16 +18,11 @@ RESPONSES = ["Paris is the capital. It is in France. Dr. Smith agrees.",
              ""]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(str(tmp_path_factory.mktemp("tiny")), resolve_model("smollm2-135m-instruct"))
-
-
-def load_model(tiny_dir, kind="sentence", attn_dim=16, freeze_layers=0, seed=0):
+def load_model(tiny_model_dir, kind="sentence", attn_dim=16, freeze_layers=0, seed=0):
     from transformers import AutoModel
 
-    tokenizer = load_tokenizer(tiny_dir)
-    backbone = AutoModel.from_pretrained(tiny_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    backbone = AutoModel.from_pretrained(tiny_model_dir)
     boundary_id = add_boundary_token(tokenizer, backbone)
     torch.manual_seed(seed)
     model = build_reward_model(kind, backbone, boundary_id, attn_dim=attn_dim, freeze_layers=freeze_layers)
@@ -35,8 +30,8 @@ def load_model(tiny_dir, kind="sentence", attn_dim=16, freeze_layers=0, seed=0):
 
 
 @pytest.fixture(scope="module")
-def sentence_rm(tiny_dir):
-    return load_model(tiny_dir)
+def sentence_rm(tiny_model_dir):
+    return load_model(tiny_model_dir)
 
 
 def prompt_ids(tokenizer):
@@ -187,8 +182,8 @@ def test_dense_rewards_on_last_token_of_each_sentence(sentence_rm):
 
 
 @pytest.mark.parametrize("kind", ["response", "token"])
-def test_baselines_share_the_interface(tiny_dir, kind):
-    model, tokenizer, boundary_id = load_model(tiny_dir, kind)
+def test_baselines_share_the_interface(tiny_model_dir, kind):
+    model, tokenizer, boundary_id = load_model(tiny_model_dir, kind)
     examples = [build_rm_input(kind, prompt_ids(tokenizer), r, tokenizer, boundary_id) for r in RESPONSES]
     assert all(boundary_id not in e["input_ids"] for e in examples)
     with torch.no_grad():
@@ -205,13 +200,13 @@ def test_baselines_share_the_interface(tiny_dir, kind):
         torch.testing.assert_close(batched[0], expected.detach(), atol=1e-5, rtol=1e-5)
 
 
-def test_freeze_layers_keeps_the_marker_embedding_trainable(tiny_dir):
-    model, _, _ = load_model(tiny_dir, freeze_layers=1)
+def test_freeze_layers_keeps_the_marker_embedding_trainable(tiny_model_dir):
+    model, _, _ = load_model(tiny_model_dir, freeze_layers=1)
     assert not model.backbone.get_input_embeddings().weight.requires_grad
     assert not any(p.requires_grad for p in model.backbone.layers[0].parameters())
     assert all(p.requires_grad for p in model.backbone.layers[1].parameters())
     assert model.boundary_embedding.requires_grad and model.value_head.weight.requires_grad
-    tokenizer, boundary_id = load_tokenizer(tiny_dir), model.boundary_id
+    tokenizer, boundary_id = load_tokenizer(tiny_model_dir), model.boundary_id
     tokenizer.add_tokens([BOUNDARY_TOKEN], special_tokens=True)
     _, batch = sentence_batch(tokenizer, boundary_id, RESPONSES[:2])
     score = model.train()(batch).score
@@ -220,11 +215,11 @@ def test_freeze_layers_keeps_the_marker_embedding_trainable(tiny_dir):
     assert model.backbone.layers[1].mlp.down_proj.weight.grad is not None
     assert model.backbone.get_input_embeddings().weight.grad is None
     with pytest.raises(ValueError, match="only 2 layers"):
-        load_model(tiny_dir, freeze_layers=3)
+        load_model(tiny_model_dir, freeze_layers=3)
 
 
-def test_save_load_round_trip(tiny_dir, tmp_path):
-    model, tokenizer, boundary_id = load_model(tiny_dir, seed=1)
+def test_save_load_round_trip(tiny_model_dir, tmp_path):
+    model, tokenizer, boundary_id = load_model(tiny_model_dir, seed=1)
     with torch.no_grad():
         model.boundary_embedding.add_(1.0)  # as if trained: must survive the round trip
         model.query.weight.mul_(3.0)
