@@ -255,7 +255,8 @@ def finish(cfg: RMTrainConfig, result, fit_s: float) -> dict:
     with open(os.path.join(cfg.output, "results.md"), "w") as fh:
         fh.write(f"Pairwise accuracy (%) of a {cfg.rm.kind}-level RM on `{cfg.model.name}` trained on "
                  f"{metrics['trained_pairs']} pairs of `{cfg.data}` for {metrics['epoch']} epoch(s); "
-                 f"sides cut to {cfg.train.max_length or 'the window'} tokens: {report['truncated_sides']}.\n\n"
+                 f"sides longer than {cfg.train.max_length or 'the window'} tokens were cut: "
+                 f"{metrics['truncated_train']} training, {metrics['truncated_eval']} evaluation.\n\n"
                  f"{markdown}\n")
     print(markdown)
     print(f"wrote {final} (load_reward_model), {cfg.output}/results.json and results.md; "

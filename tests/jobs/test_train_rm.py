@@ -56,6 +56,8 @@ def test_sentence_rm_trains_resumes_and_saves_a_loadable_model(tmp_path, tiny_mo
     # the final model loads on its own, tokenizer included, and scores the held-out pairs as the job did
     saved = json.loads((out / "results.json").read_text())
     assert saved["accuracy"] == second["accuracy"] and "| sentence RM |" in (out / "results.md").read_text()
+    cut = saved["truncated_sides"]
+    assert f"were cut: {cut['train']} training, {cut['eval']} evaluation." in (out / "results.md").read_text()
     model, tokenizer, config = load_reward_model(str(out / "final"))
     assert config.kind == "sentence"
     heldout, _ = load_preference_data(str(out / "heldout_pairs.jsonl"))
