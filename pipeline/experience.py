@@ -63,6 +63,16 @@ def build_experience(scored: pa.Table, cfg: AdvantageConfig, group_size: int, kl
         "advantage/mean": masked_mean(advantages, mask).item(),
         "advantage/std": torch.sqrt(masked_mean((advantages - masked_mean(advantages, mask)) ** 2, mask)).item(),
     }
+    metrics["reward/endogenous_group_std"] = group_std(scored["reward"].to_numpy(), group_size)
     if "sentence_reward" in scored.column_names:
         metrics["reward/sentence_rm"] = float(np.mean(scored["sentence_reward"].to_numpy()))
+        metrics["reward/sentence_rm_group_std"] = group_std(scored["sentence_reward"].to_numpy(), group_size)
     return experience, metrics
+
+
+def group_std(scores: np.ndarray, group_size: int) -> float:
+    """Mean over prompts of the std of one source's response scores among that prompt's samples: the spread a
+    group baseline sees, so the weights of two reward sources can be set to balance them."""
+    if group_size < 2 or len(scores) % group_size:
+        return float(np.std(scores))
+    return float(np.std(scores.reshape(-1, group_size), axis=1).mean())

@@ -47,3 +47,16 @@ def test_reward_sources_are_weighted_and_zero_weight_is_skipped():
     np.testing.assert_allclose(mixed[0], [0.5, 2.0])
     only_endo = mixed_token_rewards(table.drop(["sentence_rewards"]), AdvantageConfig())
     np.testing.assert_allclose(only_endo[0], [1.0, 2.0])
+
+
+def test_each_source_reports_its_spread_within_groups():
+    # 2 prompts x 2 samples; endogenous sums 3, 1 | 5, 5 -> group stds 1 and 0 -> 0.5; sentence R 0, 4 | 1, 1 -> 1.0
+    table = scored_table([[1.0, 2.0], [1.0], [5.0], [2.0, 3.0]], [[0.0, 0.0], [0.0], [0.0], [0.0, 0.0]],
+                         [[0.0, 0.0], [0.0], [0.0], [0.0, 0.0]])
+    table = table.append_column("sentence_rewards", numpy_to_ragged([np.zeros(2), [4.0], [1.0], [0.0, 1.0]], pa.float32()))
+    table = table.append_column("sentence_reward", pa.array([0.0, 4.0, 1.0, 1.0], pa.float32()))
+    _, metrics = build_experience(table, AdvantageConfig(sentence_rm_weight=1.0), group_size=2, kl_coef=0.0,
+                                  kl_in_reward=False)
+    assert metrics["reward/endogenous_group_std"] == pytest.approx(0.5)
+    assert metrics["reward/sentence_rm_group_std"] == pytest.approx(1.0)
+    assert metrics["reward/sentence_rm"] == pytest.approx(1.5)
