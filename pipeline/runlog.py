@@ -58,23 +58,31 @@ def latest_checkpoint(output_dir: str) -> tuple[str, int] | None:
     return path, step
 
 
-def plot_curves(history: list[dict], png_path: str) -> None:
-    """Held-out reward, training reward and KL against the step."""
+PANELS = [  # (title, metrics): one panel each; a panel none of whose metrics were logged is left out
+    ("endogenous reward (per response)", ("heldout/reward", "reward/endogenous")),
+    ("sentence-RM score R (per response)", ("heldout/sentence_rm", "reward/sentence_rm")),
+    ("KL to the reference (per response / per token)", ("kl/k1_rollout", "policy/kl_k3")),
+]
+
+
+def plot_curves(history: list[dict], png_path: str) -> list[str]:
+    """Each reward source's held-out and training curves, and the KL, against the step; returns the panel titles."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, ax in (("heldout/reward", axes[0]), ("reward/total", axes[0]), ("kl/k1_rollout", axes[1]), ("policy/kl_k3", axes[1])):
-        points = [(row["step"], row[key]) for row in history if key in row]
-        if points:
-            ax.plot(*zip(*points), marker="o", markersize=3, label=key)
-    axes[0].set_title("reward (endogenous, per response)")
-    axes[1].set_title("KL to the reference (per response / per token)")
-    for ax in axes:
+    panels = [(title, keys) for title, keys in PANELS if any(key in row for row in history for key in keys)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 3.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            points = [(row["step"], row[key]) for row in history if key in row]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=key)
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+    return [title for title, _ in panels]

@@ -24,5 +24,8 @@ def test_latest_checkpoint_needs_the_driver_state_and_plot_writes_png(tmp_path):
     (tmp_path / "checkpoints" / "step_000001" / "driver_state.json").write_text(json.dumps({"step": 1}))
     assert latest_checkpoint(str(tmp_path)) == (str(tmp_path / "checkpoints" / "step_000001"), 1)  # step 2 incomplete
     log.write(1, {"heldout/reward": 1.0, "kl/k1_rollout": 0.1})
-    plot_curves(log.history(), str(tmp_path / "curves.png"))
+    assert plot_curves(log.history(), str(tmp_path / "curves.png")) == [
+        "endogenous reward (per response)", "KL to the reference (per response / per token)"]
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    log.write(2, {"heldout/reward": 2.0, "reward/sentence_rm": 0.3})  # a second reward source gets its own panel
+    assert "sentence-RM score R (per response)" in plot_curves(log.history(), str(tmp_path / "curves.png"))
