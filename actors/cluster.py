@@ -15,6 +15,8 @@ class RayConfig:
                            "local Ray; 'local' = always embedded")
     num_cpus: int = opt(0, "logical CPUs of an embedded local Ray (0 = this machine's cores); the RL phases run one "
                            "after another, so local mode may declare more than the cores it has")
+    dashboard: bool = opt(True, "start Ray's dashboard with an embedded local Ray (http://127.0.0.1:8265); Ray "
+                                "Train's placement-group cleaner needs its state API, and warns every few s without it")
     vllm_cpu_kvcache_gib: int = opt(2, "VLLM_CPU_KVCACHE_SPACE for CPU vLLM engines, GiB")
     vllm_cpu_threads: str = opt("", "VLLM_CPU_OMP_THREADS_BIND for CPU vLLM engines, '|' between engines (e.g. "
                                     "0-1|2-3); empty = each engine its own block of rollout.cpus_per_engine cores")
@@ -51,5 +53,5 @@ def init_ray(cfg: RayConfig, device: str = "cpu") -> None:
     if cfg.address:
         kwargs["address"] = cfg.address  # "local" always starts an embedded Ray, even under RAY_ADDRESS
     if cfg.address == "local" or (not cfg.address and "RAY_ADDRESS" not in os.environ):
-        kwargs.update(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=False)
+        kwargs.update(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=cfg.dashboard)
     ray.init(**kwargs)
