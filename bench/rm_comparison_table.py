@@ -1,6 +1,7 @@
-"""The table of bench/rm_comparison.sh: pairwise accuracy (%) of the three trained RM kinds and of the endogenous
-reward, per evaluation set, as the mean and sample standard deviation over the seeds; then the HH held-out
-accuracy per seed, with the sentence-minus-response difference the paper reports (+2.7 points).
+"""The table of bench/rm_comparison.sh: pairwise accuracy (%) of the three trained RM kinds, of the endogenous
+reward and of the length baseline "shorter response wins", per evaluation set, as the mean and sample standard
+deviation over the seeds; then the HH held-out accuracy per seed, with the sentence-minus-response difference
+the paper reports (+2.7 points).
 
     python bench/rm_comparison_table.py OUT MODEL FREEZE MAX_LENGTH LR DTYPE SEED [SEED ...]
 
@@ -16,6 +17,7 @@ LLMBAR = ["Natural", "Adversarial_Neighbor", "Adversarial_GPTInst", "Adversarial
 POOLED = "LLMBar (all 5)"
 COLUMNS = ["heldout"] + LLMBAR + [POOLED]
 ENDOGENOUS = "endogenous reward (sum, no training)"
+SHORTER = "shorter response wins (reference: no model)"
 
 
 def load(path: str) -> dict:
@@ -43,8 +45,9 @@ def seed_rows(out: str, seed: str) -> tuple[dict, dict, int]:
     endogenous_counts = {**llmbar["counts"], **heldout["counts"]}
     if any(endogenous_counts[c] != counts[c] for c in COLUMNS[:-1]):
         raise ValueError(f"seed {seed}: the endogenous reward was evaluated on other pairs: {endogenous_counts} vs {counts}")
-    accuracy = {**llmbar["accuracy"]["endogenous (sum)"], **heldout["accuracy"]["endogenous (sum)"]}
-    rows[ENDOGENOUS] = with_pooled(accuracy, counts)
+    for name, source in ((ENDOGENOUS, "endogenous (sum)"), (SHORTER, "shorter wins")):
+        accuracy = {**llmbar["accuracy"][source], **heldout["accuracy"][source]}
+        rows[name] = with_pooled(accuracy, counts)
     return rows, {**counts, POOLED: sum(counts[s] for s in LLMBAR)}, trained
 
 
