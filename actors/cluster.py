@@ -22,18 +22,19 @@ class RayConfig:
                                     "0-1|2-3); empty = each engine its own block of rollout.cpus_per_engine cores")
 
 
-def worker_env(cfg: RayConfig) -> dict[str, str]:
+def worker_env(cfg: RayConfig, device: str = "cpu") -> dict[str, str]:
     """Environment variables set in every actor (passed explicitly, never read deep inside the code)."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
         "VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm_cpu_kvcache_gib),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",        # the default reserves a core: a third of the speed on 2 cores
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",      # in-process engine: weight sync needs the tensors in-process
-        "DS_ACCELERATOR": "cpu",
         # DeepSpeed JIT-builds its CPU shared-memory comm op (~20 s) on first use; cache the build across runs
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                os.path.expanduser("~/.cache/endorl/torch_extensions")),
     }
+    if device == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"  # on GPU, DeepSpeed detects CUDA itself
     if cfg.vllm_cpu_threads:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.vllm_cpu_threads
     for name in ("HF_HUB_OFFLINE", "HF_HOME"):  # pass the user's choices through
@@ -46,10 +47,7 @@ def init_ray(cfg: RayConfig, device: str = "cpu") -> None:
     """Connect to the cluster (ray job submit sets RAY_ADDRESS) or start an embedded one for local mode."""
     if ray.is_initialized():
         return
-    env = worker_env(cfg)
-    if device != "cpu":
-        env.pop("DS_ACCELERATOR")
-    kwargs = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    kwargs = {"runtime_env": {"env_vars": worker_env(cfg, device)}, "log_to_driver": True}
     if cfg.address:
         kwargs["address"] = cfg.address  # "local" always starts an embedded Ray, even under RAY_ADDRESS
     if cfg.address == "local" or (not cfg.address and "RAY_ADDRESS" not in os.environ):

@@ -41,8 +41,7 @@ from actors.learner import BACKENDS, deepspeed_config
 from pipeline.config import opt, parse_config, to_dict, to_yaml
 from pipeline.data import load_preference_data, split_prompts
 from pipeline.evaluation import markdown_table
-from pipeline.models import (ModelConfig, ModelNotFoundError, check_device, context_window, load_tokenizer,
-                             resolve_model)
+from pipeline.models import ModelConfig, check_device, load_tokenizer, open_model
 from pipeline.policy import LearnerConfig
 from pipeline.rm_training import (EncodedPairs, accuracy_by_subset, encode_pairs, epoch_steps, pair_loss,
                                   score_examples, shard_indices)
@@ -192,16 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("nothing to evaluate on: no held-out pairs and no --eval_data. "
                          "Fix: --heldout_fraction 0.1, or --eval_data FILE.")
 
-    try:
-        model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
-    except ModelNotFoundError as e:
-        raise SystemExit(f"--model.name: {e}")
-    model_config = AutoConfig.from_pretrained(model_path)
-    if cfg.rm.freeze_layers > model_config.num_hidden_layers:
-        raise SystemExit(f"--rm.freeze_layers {cfg.rm.freeze_layers} is more than the {model_config.num_hidden_layers} "
-                         f"layers of {cfg.model.name}. Fix: at most {model_config.num_hidden_layers}.")
-    max_length = cfg.train.max_length or context_window(model_config, cfg.model.max_length)
-    load_tokenizer(model_path)  # fails here, not in every worker, if the folder has no tokenizer
+    model_path, _, window = open_model(cfg.model)  # fails here, not in every worker, without a tokenizer
+    layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
+    if cfg.rm.freeze_layers > layers:
+        raise SystemExit(f"--rm.freeze_layers {cfg.rm.freeze_layers} is more than the {layers} "
+                         f"layers of {cfg.model.name}. Fix: at most {layers}.")
+    max_length = cfg.train.max_length or window
 
     init_ray(cfg.ray, cfg.model.device)
     check_gpus(cfg)
@@ -220,9 +215,6 @@ def main(argv: list[str] | None = None) -> dict:
 def fit(cfg: RMTrainConfig, model_path: str, max_length: int, train: pa.Table, heldout: pa.Table, evals: pa.Table):
     """Run train_worker on cfg.train.workers Ray Train workers; returns Ray Train's Result."""
     device = cfg.model.device
-    env = worker_env(cfg.ray)
-    if device != "cpu":
-        env.pop("DS_ACCELERATOR")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg, "model_path": model_path, "max_length": max_length,
@@ -230,7 +222,8 @@ def fit(cfg: RMTrainConfig, model_path: str, max_length: int, train: pa.Table, h
         torch_config=TorchConfig(backend=BACKENDS[device]),
         scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=device == "cuda",
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=cfg.output, worker_runtime_env={"env_vars": env},
+        run_config=RunConfig(name=RUN_NAME, storage_path=cfg.output,
+                             worker_runtime_env={"env_vars": worker_env(cfg.ray, device)},
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None)),
     )
     return trainer.fit()
