@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from pipeline.chat import encode_prompt, encode_response
 from pipeline.data import load_hh
-from pipeline.endogenous import EndoRewardConfig, group_by_prompt, pack_by_budget, packed_hidden_states, score_endogenous
+from pipeline.endogenous import EndoRewardConfig, packed_hidden_states, prompt_shared_packs, score_endogenous
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_model
 
 
@@ -46,10 +45,7 @@ def padded_pair_scoring(model, prompts, responses, pad_id):
 @torch.no_grad()
 def bare_forward(model, prompts, responses, pack_tokens):
     """The model on exactly the packed, prompt-shared tokens the scorer uses: hidden states + full logits."""
-    groups = group_by_prompt(prompts)
-    sizes = [len(prompts[g[0]]) + sum(len(responses[i]) for i in g) for g in groups]
-    for pack in pack_by_budget(sizes, pack_tokens):
-        segments = [(np.asarray(prompts[groups[g][0]]), [np.asarray(responses[i]) for i in groups[g]]) for g in pack]
+    for _, segments in prompt_shared_packs(prompts, responses, pack_tokens):
         model.get_output_embeddings()(packed_hidden_states(model, segments))
 
 

@@ -71,6 +71,17 @@ def group_by_prompt(prompt_ids: list) -> list[list[int]]:
     return list(groups.values())
 
 
+def prompt_shared_packs(prompt_ids: list, response_ids: list, budget: int):
+    """The forward passes of prompt-shared packing: yields (groups, segments) per pack, where groups are the row
+    indices that share a prompt, in packed order, and segments their (prompt, [responses]) for
+    packed_hidden_states; a pack holds at most `budget` tokens (a larger group goes alone)."""
+    groups = group_by_prompt(prompt_ids)
+    sizes = [len(prompt_ids[g[0]]) + sum(len(response_ids[i]) for i in g) for g in groups]
+    for pack in pack_by_budget(sizes, budget):
+        pack_groups = [groups[g] for g in pack]
+        yield pack_groups, [(np.asarray(prompt_ids[g[0]]), [np.asarray(response_ids[i]) for i in g]) for g in pack_groups]
+
+
 def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray]]]) -> torch.Tensor:
     """Last hidden states [T, d] of (prompt, [responses]) segments packed into one forward pass, no padding.
 
@@ -122,18 +133,15 @@ def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list
     n = len(prompt_ids)
     token_rewards, ref_logprobs = [None] * n, [None] * n
     rewards = np.zeros(n, dtype=np.float32)
-    groups = group_by_prompt(prompt_ids)
-    sizes = [len(prompt_ids[g[0]]) + sum(len(response_ids[i]) for i in g) for g in groups]
-    for pack in pack_by_budget(sizes, cfg.pack_tokens):
-        segments = [(np.asarray(prompt_ids[groups[g][0]]), [np.asarray(response_ids[i]) for i in groups[g]]) for g in pack]
+    for pack_groups, segments in prompt_shared_packs(prompt_ids, response_ids, cfg.pack_tokens):
         hidden = packed_hidden_states(model, segments)
         # Logits at position t predict token t+1. States s_1..s_{H+1} of a response: the prompt's last token
         # (s_1, shared by the group), then each response token (s_{h+1} follows a_h).
         rows, targets, order, start = [], [], [], 0
-        for g in pack:
-            p = len(prompt_ids[groups[g][0]])
+        for group in pack_groups:
+            p = len(prompt_ids[group[0]])
             response_start = start + p
-            for i in groups[g]:
+            for i in group:
                 h = len(response_ids[i])
                 rows.append(torch.cat([torch.tensor([start + p - 1]), torch.arange(response_start, response_start + h)]))
                 targets.append(torch.cat([torch.as_tensor(np.array(response_ids[i], dtype=np.int64)),
