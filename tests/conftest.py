@@ -58,3 +58,27 @@ def tiny_sentence_rm_dir(tiny_model_dir, tmp_path_factory) -> str:
     model = build_reward_model("sentence", backbone, boundary_id, attn_dim=16)
     save_reward_model(model, tokenizer, out_dir, RewardModelConfig(attn_dim=16))
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on 127.0.0.1 (moto's server), for storage on object storage: yields (uri prefix, env).
+    pyarrow reads the credentials from the environment, as on a cloud node; the bucket `endorl` exists."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+    old = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="endorl")
+    query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    yield (lambda key: f"s3://endorl/{key}{query}"), env
+    server.stop()
+    for name, value in old.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
