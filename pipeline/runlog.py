@@ -1,57 +1,74 @@
-"""Where a run writes: TensorBoard scalars, metrics.jsonl, checkpoints, the config, and the final PNG plot."""
+"""Where a run writes: TensorBoard scalars, metrics.jsonl, checkpoints, the config, and the final PNG plot.
+
+All of it goes to the run's storage (pipeline/storage.py): a local folder, a shared path, or s3:// / gs://.
+On object storage TensorBoard writes into a local folder that is uploaded after every write.
+"""
 from __future__ import annotations
 
-import glob
+import io
 import json
-import os
 import re
+import shutil
+import tempfile
 
 from torch.utils.tensorboard import SummaryWriter
 
+from pipeline.storage import Storage
+
+CHECKPOINTS = "checkpoints"
+MARKER = "driver_state.json"  # written last, by the driver: a checkpoint without it is incomplete
+
 
 class RunLog:
-    def __init__(self, output_dir: str, config_yaml: str, resume_step: int = 0):
-        self.dir = output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "config.yaml"), "w") as fh:
-            fh.write(config_yaml)
-        self.tensorboard = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step or None)
-        self.metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    def __init__(self, location: str, config_yaml: str, resume_step: int = 0):
+        self.storage = Storage(location)
+        self.dir = self.storage.location
         self.config_yaml = config_yaml
+        self.storage.write_text("config.yaml", config_yaml)
+        self.local_dir = self.storage.path() if self.storage.is_local else tempfile.mkdtemp(prefix="endorl-runlog-")
+        self.tensorboard = SummaryWriter(f"{self.local_dir}/tensorboard", purge_step=resume_step or None)
         kept = [row for row in self.history() if row["step"] <= resume_step] if resume_step else []
-        with open(self.metrics_path, "w") as fh:  # rows past the checkpoint are redone by the resumed run
-            fh.writelines(json.dumps(row) + "\n" for row in kept)
+        self.lines = [json.dumps(row) + "\n" for row in kept]  # rows past the checkpoint are redone by the resumed run
+        self.storage.write_text("metrics.jsonl", "".join(self.lines))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             self.tensorboard.add_scalar(name, value, step)
         self.tensorboard.flush()
-        with open(self.metrics_path, "a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.lines.append(json.dumps({"step": step, **metrics}) + "\n")
+        self.storage.write_text("metrics.jsonl", "".join(self.lines))
+        if not self.storage.is_local:
+            self.storage.upload(f"{self.local_dir}/tensorboard", "tensorboard")
+
+    def write_json(self, name: str, value) -> None:
+        self.storage.write_text(name, json.dumps(value, indent=2) + "\n")
 
     def checkpoint_dir(self, step: int) -> str:
-        path = os.path.join(self.dir, "checkpoints", f"step_{step:06d}")
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "config.yaml"), "w") as fh:
-            fh.write(self.config_yaml)  # every checkpoint carries the config that made it
-        return path
+        """The checkpoint folder of `step`, relative to the run's storage; it carries the config that made it."""
+        relative = f"{CHECKPOINTS}/step_{step:06d}"
+        self.storage.write_text(f"{relative}/config.yaml", self.config_yaml)
+        return relative
 
     def history(self) -> list[dict]:
-        if not os.path.exists(self.metrics_path):
+        if not self.storage.exists("metrics.jsonl"):
             return []
-        with open(self.metrics_path) as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+        return [json.loads(line) for line in self.storage.read_text("metrics.jsonl").splitlines() if line.strip()]
 
     def close(self) -> None:
         self.tensorboard.close()
+        if not self.storage.is_local:
+            self.storage.upload(f"{self.local_dir}/tensorboard", "tensorboard")
+            shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
-def latest_checkpoint(output_dir: str) -> tuple[str, int] | None:
-    """(path, step) of the newest complete checkpoint under output_dir, or None."""
+def latest_checkpoint(location: str) -> tuple[str, int] | None:
+    """(path relative to the storage, step) of the newest complete checkpoint in the run at `location`, or None."""
+    storage = Storage(location)
     found = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoints", "step_*")):
-        if os.path.exists(os.path.join(path, "driver_state.json")):  # written last: the checkpoint is complete
-            found.append((int(re.search(r"step_(\d+)", path).group(1)), path))
+    for name in storage.listdir(CHECKPOINTS):
+        match = re.fullmatch(r"step_(\d+)", name)
+        if match and storage.exists(f"{CHECKPOINTS}/{name}/{MARKER}"):
+            found.append((int(match.group(1)), f"{CHECKPOINTS}/{name}"))
     if not found:
         return None
     step, path = max(found)
@@ -65,7 +82,7 @@ PANELS = [  # (title, metrics): one panel each; a panel none of whose metrics we
 ]
 
 
-def plot_curves(history: list[dict], png_path: str) -> list[str]:
+def plot_curves(history: list[dict], storage: Storage, name: str = "curves.png") -> list[str]:
     """Each reward source's held-out and training curves, and the KL, against the step; returns the panel titles."""
     import matplotlib
     matplotlib.use("Agg")
@@ -83,6 +100,8 @@ def plot_curves(history: list[dict], png_path: str) -> list[str]:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    storage.write_bytes(name, png.getvalue())
     return [title for title, _ in panels]

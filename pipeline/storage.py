@@ -65,12 +65,15 @@ class Storage:
             return fh.read().decode()
 
     def write_text(self, relative: str, text: str) -> None:
+        self.write_bytes(relative, text.encode())
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
         """Atomic: a reader sees the old file or the whole new one (write a temporary name, then move it)."""
         final = self.path(relative)
         self.fs.create_dir(os.path.dirname(final), recursive=True)
         staging = f"{os.path.dirname(final)}/.{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp"
         with self.fs.open_output_stream(staging) as fh:
-            fh.write(text.encode())
+            fh.write(data)
         self.fs.move(staging, final)
 
     def upload(self, local_dir: str, relative: str) -> None:
