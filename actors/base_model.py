@@ -11,6 +11,7 @@ import math
 import pyarrow as pa
 import ray
 
+from actors.placement import gpus_for, node_resources
 from pipeline.arrow import SCORED_FIELDS, numpy_to_ragged, ragged_to_numpy
 from pipeline.config import opt
 from pipeline.endogenous import EndoRewardConfig, score_endogenous
@@ -21,8 +22,11 @@ from pipeline.models import ModelConfig, load_causal_lm, load_tokenizer, resolve
 @dataclasses.dataclass
 class ScoringConfig:
     replicas: int = opt(1, "base-model replicas scoring in parallel (Ray Data actor pool)")
-    cpus_per_replica: float = opt(0, "CPUs per replica (0 = all CPUs of the embedded Ray / replicas)")
-    gpus_per_replica: float = opt(0, "GPUs per replica (set 1 with --model.device cuda)")
+    cpus_per_replica: float = opt(0, "CPUs per replica (0 = the largest node's CPUs / replicas: in local mode, "
+                                     "the machine shared by the replicas)")
+    gpus_per_replica: float = opt(0, "GPUs per replica (0 with --model.device cuda = 1)")
+    resources: dict[str, float] = opt(help="custom Ray resources each replica needs (pins it to a node type)",
+                                      factory=dict)
     batch_size: int = opt(64, "rows per Arrow batch sent to a replica")
 
 
@@ -66,9 +70,12 @@ def map_with_actor_pool(table: pa.Table, scorer_cls: type, model_cfg: ModelConfi
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the job shows one tqdm bar over rows instead
     num_blocks = max(1, math.ceil(table.num_rows / scoring.batch_size))
-    cpus = scoring.cpus_per_replica or max(1.0, ray.cluster_resources().get("CPU", 1) // scoring.replicas)
+    # one replica must fit one node: a share of the largest node, never of the cluster's total
+    largest = max((node.get("CPU", 0.0) for node in node_resources()), default=1.0)
+    cpus = scoring.cpus_per_replica or max(1.0, largest // scoring.replicas)
+    gpus = gpus_for(model_cfg.device, scoring.gpus_per_replica)
     dataset = ray.data.from_arrow(table, override_num_blocks=num_blocks).map_batches(
         scorer_cls, fn_constructor_kwargs={"model_cfg": model_cfg, "reward_cfg": reward_cfg},
         batch_size=scoring.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=scoring.replicas),
-        num_cpus=cpus, num_gpus=scoring.gpus_per_replica or None, udf_modifying_row_count=False)
+        num_cpus=cpus, num_gpus=gpus or None, resources=scoring.resources or None, udf_modifying_row_count=False)
     return dataset.iter_batches(batch_format="pyarrow", batch_size=None)

@@ -1,12 +1,22 @@
-"""Joining or starting Ray, with the environment every worker of this project needs."""
+"""Joining or starting Ray, with the environment every worker of this project needs.
+
+Two modes:
+  - local (`--local`, or no cluster address anywhere): an embedded single-node Ray that this process starts and
+    owns, whatever other Ray runs on the machine (`ray.init(address="local")` never joins one).
+  - cluster (`ray job submit`, which sets RAY_ADDRESS, or `--ray.address`): join it. Nothing about this machine
+    is handed to the workers: no path of the driver's disk, no core binding; each actor prepares its own node.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import ray
 
 from pipeline.config import opt
+
+PACKAGES = ("pipeline", "actors", "jobs")  # the project's code, shipped to every node when no working_dir does it
 
 
 @dataclasses.dataclass
@@ -19,37 +29,77 @@ class RayConfig:
                                 "Train's placement-group cleaner needs its state API, and warns every few s without it")
     vllm_cpu_kvcache_gib: int = opt(2, "VLLM_CPU_KVCACHE_SPACE for CPU vLLM engines, GiB")
     vllm_cpu_threads: str = opt("", "VLLM_CPU_OMP_THREADS_BIND for CPU vLLM engines, '|' between engines (e.g. "
-                                    "0-1|2-3); empty = each engine its own block of rollout.cpus_per_engine cores")
+                                    "0-1|2-3); empty = each engine binds its own block of rollout.cpus_per_engine "
+                                    "cores of the node it runs on")
+
+
+def is_local(cfg: RayConfig, environ: dict | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return cfg.address == "local" or (not cfg.address and "RAY_ADDRESS" not in environ)
+
+
+def check_driver_device(cfg: RayConfig, device: str, flag: str = "--model.device") -> None:
+    """In local mode this machine is the cluster: a cuda request without a GPU stops before Ray starts. On a
+    cluster the driver's own devices say nothing (it runs on a CPU head node); the placement of the actors waits
+    for GPU nodes instead (actors/placement.py)."""
+    from pipeline.models import check_device
+
+    if is_local(cfg):
+        try:
+            check_device(device)
+        except RuntimeError as e:
+            raise SystemExit(f"{flag}: {e}") from None
 
 
 def worker_env(cfg: RayConfig, device: str = "cpu") -> dict[str, str]:
-    """Environment variables set in every actor (passed explicitly, never read deep inside the code)."""
+    """Environment variables set in every actor: values only, never a path of the driver's node."""
     env = {
         "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm_cpu_kvcache_gib),
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",        # the default reserves a core: a third of the speed on 2 cores
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",      # in-process engine: weight sync needs the tensors in-process
-        # DeepSpeed JIT-builds its CPU shared-memory comm op (~20 s) on first use; cache the build across runs
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                               os.path.expanduser("~/.cache/endorl/torch_extensions")),
     }
-    if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"  # on GPU, DeepSpeed detects CUDA itself
-    if cfg.vllm_cpu_threads:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = cfg.vllm_cpu_threads
-    for name in ("HF_HUB_OFFLINE", "HF_HOME"):  # pass the user's choices through
-        if name in os.environ:
-            env[name] = os.environ[name]
+    if device == "cpu":  # on GPU, DeepSpeed and vLLM detect CUDA themselves
+        env.update({
+            "DS_ACCELERATOR": "cpu",
+            "VLLM_CPU_KVCACHE_SPACE": str(cfg.vllm_cpu_kvcache_gib),
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",    # the default reserves a core: a third of the speed on 2 cores
+        })
+    if "HF_HUB_OFFLINE" in os.environ:  # the user's choice, a value; HF_HOME is a path and stays the node's own
+        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     return env
 
 
+def job_runtime_env(environ: dict | None = None) -> dict:
+    """The runtime env `ray job submit` gave this driver ({} when it was not submitted as a job)."""
+    environ = os.environ if environ is None else environ
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    config = json.loads(environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}"))
+    return config.get("runtime_env") or {}
+
+
+def cluster_runtime_env(cfg: RayConfig, device: str, job_env: dict) -> dict:
+    """What this driver adds to the job's runtime env. Ray merges the two and refuses a key set in both, so the
+    job's own env_vars win; a driver not started by `ray job submit --working-dir` ships the project's code."""
+    env_vars = {k: v for k, v in worker_env(cfg, device).items() if k not in (job_env.get("env_vars") or {})}
+    runtime_env = {"env_vars": env_vars}
+    if not job_env.get("working_dir") and not job_env.get("py_modules"):
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        runtime_env["py_modules"] = [os.path.join(root, package) for package in PACKAGES]
+    return runtime_env
+
+
 def init_ray(cfg: RayConfig, device: str = "cpu") -> None:
-    """Connect to the cluster (ray job submit sets RAY_ADDRESS) or start an embedded one for local mode."""
+    """Start an embedded Ray (local mode) or join the cluster (ray job submit sets RAY_ADDRESS)."""
     if ray.is_initialized():
         return
-    kwargs = {"runtime_env": {"env_vars": worker_env(cfg, device)}, "log_to_driver": True}
-    if cfg.address:
-        kwargs["address"] = cfg.address  # "local" always starts an embedded Ray, even under RAY_ADDRESS
-    if cfg.address == "local" or (not cfg.address and "RAY_ADDRESS" not in os.environ):
-        kwargs.update(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=cfg.dashboard)
-    ray.init(**kwargs)
+    if is_local(cfg):
+        cpus = cfg.num_cpus or os.cpu_count()
+        print(f"local mode: starting an embedded single-node Ray ({cpus} logical CPUs); any other Ray on this "
+              f"machine is left alone", flush=True)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.dashboard, log_to_driver=True,
+                 runtime_env={"env_vars": worker_env(cfg, device)})
+        return
+    ray.init(address=cfg.address or None, log_to_driver=True,
+             runtime_env=cluster_runtime_env(cfg, device, job_runtime_env()))
+    nodes = [node for node in ray.nodes() if node["Alive"]]
+    print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s)", flush=True)

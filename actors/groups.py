@@ -2,23 +2,29 @@
 
 Batches stay in Ray's object store: methods take and return ObjectRefs of Arrow tables, and only metric dicts
 come back to the driver. Each method returns when its phase is done, so the driver can time phases.
+Each role has its own placement group (actors/placement.py): engines and scorers SPREAD, learner ranks PACK.
+Checkpoints go to the run's storage: every rank writes its own files, then the driver checks that it sees all of
+them and writes the marker that makes the checkpoint complete.
 """
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pyarrow as pa
 import ray
+from ray.util.placement_group import remove_placement_group
 
 from actors.base_model import BaseModelActor
 from actors.learner import LearnerGroup
+from actors.placement import bundle, gpus_for, in_bundle, node_of, reserve
 from actors.rollout import start_rollout_engines
 from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import ragged_to_numpy
 from pipeline.experience import build_experience
 from pipeline.rollout import logprob_parity
+from pipeline.runlog import MARKER
+from pipeline.storage import Storage
 
 
 @ray.remote(num_cpus=0)
@@ -40,17 +46,46 @@ def wait(refs: list) -> list:
 class RLWorkers:
     """vLLM engines, frozen base-model scorers, policy learners and (for GAE) critic learners."""
 
-    def __init__(self, cfg, model_path: str):
-        self.cfg = cfg
-        self.engines = start_rollout_engines(model_path, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray)
-        self.scorers = [BaseModelActor.options(num_cpus=cfg.scorer_cpus, num_gpus=cfg.scorer_gpus).remote(cfg.model, cfg.reward)
-                        for _ in range(cfg.scorers)]
-        self.sentence_rm = (SentenceRMActor.options(num_cpus=cfg.sentence_rm_cpus, num_gpus=cfg.sentence_rm_gpus)
-                            .remote(cfg.sentence_rm, cfg.model.device) if cfg.advantage.sentence_rm_weight else None)
-        self.learner = LearnerGroup(model_path, cfg.model, cfg.learner, role="policy")
-        self.critic = LearnerGroup(model_path, cfg.model, cfg.learner, role="critic") if cfg.advantage.estimator == "gae" else None
-        wait([actor.__ray_ready__.remote() for actor in self.scorers + self.engines + ([self.sentence_rm] if self.sentence_rm else [])])
+    def __init__(self, cfg):
+        """Every actor resolves cfg.model.name on its own node; nothing of the driver's disk is handed out."""
+        self.cfg, self.groups, self.engines, self.scorers, self.sentence_rm = cfg, [], [], [], None
+        self.learner = self.critic = None
+        device, model = cfg.model.device, cfg.model.name
+        try:
+            self.engines, engine_group = start_rollout_engines(model, cfg.rollout_dtype, device, cfg.rollout, cfg.ray,
+                                                               cfg.placement, cfg.model.cache_dir)
+            self.groups.append(engine_group)
+            scorer = bundle(cfg.scorer_cpus, gpus_for(device, cfg.scorer_gpus), cfg.scorer_resources)
+            roles = [("scorers", scorer, cfg.scorers)]
+            if cfg.advantage.sentence_rm_weight:
+                roles.append(("sentence RM", bundle(cfg.sentence_rm_cpus, gpus_for(device, cfg.sentence_rm_gpus),
+                                                    cfg.sentence_rm_resources), 1))
+            for role, request, count in roles:
+                group = reserve(role, [request] * count, "SPREAD", cfg.placement)
+                self.groups.append(group)
+                options = [dict(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0), scheduling_strategy=in_bundle(group, i),
+                                resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")}) for i in range(count)]
+                if role == "scorers":
+                    self.scorers = [BaseModelActor.options(**o).remote(cfg.model, cfg.reward) for o in options]
+                else:
+                    self.sentence_rm = SentenceRMActor.options(**options[0]).remote(cfg.sentence_rm, device)
+            self.learner = LearnerGroup(model, cfg.model, cfg.learner, role="policy", placement=cfg.placement)
+            if cfg.advantage.estimator == "gae":
+                self.critic = LearnerGroup(model, cfg.model, cfg.learner, role="critic", placement=cfg.placement)
+            wait([actor.__ray_ready__.remote() for actor in self.scorers + self.engines + ([self.sentence_rm] if self.sentence_rm else [])])
+        except Exception:
+            self.shutdown()
+            raise
         self.last_batch = None
+
+    def nodes(self) -> dict[str, list[dict]]:
+        """Where every actor runs (role -> one {node_id, ip, host} per actor), for the run log."""
+        roles = {"rollout_engines": self.engines, "scorers": self.scorers, "policy_learners": self.learner.actors}
+        if self.sentence_rm:
+            roles["sentence_rm"] = [self.sentence_rm]
+        if self.critic:
+            roles["critic_learners"] = self.critic.actors
+        return {role: ray.get([node_of(actor) for actor in actors]) for role, actors in roles.items()}
 
     def generate(self, prompts: pa.Table, seed: int, n_samples: int) -> list:
         """Prompts split across engines in contiguous shards (a prompt's samples stay together)."""
@@ -108,22 +143,46 @@ class RLWorkers:
         return metrics
 
     def save(self, path: str, state: dict) -> None:
-        self.learner.save_checkpoint(os.path.join(path, "policy"), state)
-        if self.critic:
-            self.critic.save_checkpoint(os.path.join(path, "critic"), state)
-        with open(os.path.join(path, "driver_state.json"), "w") as fh:  # last: marks the checkpoint complete
-            json.dump(state, fh)
+        """Every rank writes its shard into `path` of the run's storage; the driver then checks it sees them all
+        (a folder on one node's own disk would not hold the other nodes' shards) and writes the marker last."""
+        storage = Storage(self.cfg.storage)
+        groups = [("policy", self.learner)] + ([("critic", self.critic)] if self.critic else [])
+        for role, group in groups:
+            group.save_checkpoint(storage.location, f"{path}/{role}", state)
+            missing = missing_shards(storage, f"{path}/{role}", group.cfg)
+            if missing:
+                raise RuntimeError(f"checkpoint {storage.location}/{path}/{role} is missing {missing} as seen from the "
+                                   f"driver: the learner ranks wrote to a disk this node does not share. Fix: --storage "
+                                   f"on a filesystem every node mounts, or object storage (s3://, gs://).")
+        storage.write_text(f"{path}/{MARKER}", json.dumps(state))  # last, atomic: marks the checkpoint complete
 
     def load(self, path: str) -> dict:
-        self.learner.load_checkpoint(os.path.join(path, "policy"))
+        storage = Storage(self.cfg.storage)
+        self.learner.load_checkpoint(storage.location, f"{path}/policy")
         if self.critic:
-            self.critic.load_checkpoint(os.path.join(path, "critic"))
-        with open(os.path.join(path, "driver_state.json")) as fh:
-            return json.load(fh)
+            self.critic.load_checkpoint(storage.location, f"{path}/critic")
+        return json.loads(storage.read_text(f"{path}/{MARKER}"))
 
     def shutdown(self) -> None:
-        self.learner.shutdown()
-        if self.critic:
-            self.critic.shutdown()
+        for group in (self.learner, self.critic):
+            if group:
+                group.shutdown()
         for actor in self.engines + self.scorers + ([self.sentence_rm] if self.sentence_rm else []):
             ray.kill(actor)
+        for group in self.groups:
+            remove_placement_group(group)
+        self.groups = []
+
+
+def missing_shards(storage: Storage, path: str, cfg) -> list[str]:
+    """The files of a DeepSpeed checkpoint at `path` that are not there: the 'latest' tag, the model states, and
+    (ZeRO >= 1) one optimizer-state file per rank."""
+    if not storage.exists(f"{path}/latest"):
+        return ["latest"]
+    tag = storage.read_text(f"{path}/latest").strip()
+    names = storage.listdir(f"{path}/{tag}")
+    missing = [] if any(name.endswith("model_states.pt") for name in names) else [f"{tag}/*model_states.pt"]
+    if cfg.zero_stage > 0:
+        missing += [f"{tag}/*zero_pp_rank_{rank}_*optim_states.pt" for rank in range(cfg.ranks)
+                    if not any(f"zero_pp_rank_{rank}_" in name and name.endswith("optim_states.pt") for name in names)]
+    return missing

@@ -19,13 +19,14 @@ ray.remote(PolicyLearner)`. The math is in pipeline/policy.py; this file only pl
     is empty (no tokens: they add nothing to any masked mean) and gives rank r the rows r::world, so all
     ranks hold the same number of rows and hence of micro-batches.
 
-`LearnerGroup` (driver side) reserves one placement-group bundle per rank (all or nothing), asks a probe
+`LearnerGroup` (driver side) reserves one placement-group bundle per rank (all or nothing, PACK), asks a probe
 task in rank 0's bundle for its node IP and a free port (the torch.distributed rendezvous lives on rank 0),
 starts the ranks, and fans every call out to all of them. Batches go to the ranks by ObjectRef: each rank
 reads the whole table from the object store (zero-copy on its node) and keeps its own rows.
 
 Checkpoints: engine.save_checkpoint/load_checkpoint on every rank (weights, optimizer, LR schedule, step
-counters, plus a client_state dict). The folder must be shared storage when the ranks span several nodes.
+counters, plus a client_state dict), into the run's storage (pipeline/storage.py): a folder every node mounts,
+or object storage, to which each rank uploads its own files.
 """
 from __future__ import annotations
 
@@ -37,11 +38,12 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
+from actors.placement import PlacementConfig, bundle, gpus_for, in_bundle, reserve
 from pipeline.arrow import padded_to_ragged, ragged_to_numpy, ragged_to_padded
-from pipeline.models import DTYPES, ModelConfig, check_device, load_causal_lm
+from pipeline.models import DTYPES, ModelConfig, check_device, load_causal_lm, resolve_model
+from pipeline.storage import Storage
 from pipeline.policy import (LearnerConfig, critic_forward, critic_loss, load_critic, lr_lambda, policy_forward,
                              policy_loss)
 
@@ -86,9 +88,10 @@ def shard(table: pa.Table, rank: int, world_size: int) -> tuple[pa.Table, int]:
 class PolicyLearner:
     """One rank of a DeepSpeed data-parallel group training the policy (PPO) or the critic (value loss)."""
 
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, model: str,
                  model_cfg: ModelConfig, cfg: LearnerConfig, role: str = "policy"):
         check_device(model_cfg.device)
+        model_path = resolve_model(model, model_cfg.cache_dir)  # on this rank's node
         if role not in ROLES:
             raise ValueError(f"learner role must be one of {ROLES}, got {role!r}")
         cfg.validate()
@@ -229,17 +232,21 @@ class PolicyLearner:
             return {name: tensor.detach().to("cpu", dtype or tensor.dtype, copy=True)
                     for name, tensor in module.state_dict().items()}
 
-    def save_checkpoint(self, directory: str, client_state: dict | None = None) -> None:
-        """Weights, optimizer and LR-schedule state of this rank (a collective: call on all ranks)."""
-        # under one key: DeepSpeed hands back its own entries (ds_config, ...) mixed into the client state
-        self.engine.save_checkpoint(directory, client_state={"endorl": client_state or {}})
+    def save_checkpoint(self, storage: str, directory: str, client_state: dict | None = None) -> None:
+        """Weights, optimizer and LR-schedule state of this rank into `directory` of the run's storage (a folder
+        path or s3:// / gs:// URI); a collective: call on all ranks. Each rank writes (or uploads) its own files."""
+        with Storage(storage).writable_dir(directory) as folder:
+            # under one key: DeepSpeed hands back its own entries (ds_config, ...) mixed into the client state
+            self.engine.save_checkpoint(folder, client_state={"endorl": client_state or {}})
 
-    def load_checkpoint(self, directory: str) -> dict:
-        """Restore the latest checkpoint in `directory`; returns the client_state it was saved with."""
-        path, client_state = self.engine.load_checkpoint(directory, load_optimizer_states=True,
-                                                         load_lr_scheduler_states=True)
+    def load_checkpoint(self, storage: str, directory: str) -> dict:
+        """Restore the latest checkpoint in `directory` of the run's storage; returns its client_state."""
+        with Storage(storage).readable_dir(directory) as folder:
+            path, client_state = self.engine.load_checkpoint(folder, load_optimizer_states=True,
+                                                             load_lr_scheduler_states=True)
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory!r} (it needs a 'latest' file)")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory!r} of {storage!r} (it needs a 'latest' "
+                                    f"file). If the ranks ran on several nodes, the storage must be shared by all of them.")
         return client_state["endorl"]
 
 
@@ -266,34 +273,25 @@ def _wait_all(refs: list) -> list:
 class LearnerGroup:
     """Driver-side handle of `cfg.ranks` learner actors forming one DeepSpeed group."""
 
-    def __init__(self, model_path: str, model_cfg: ModelConfig, cfg: LearnerConfig, role: str = "policy",
-                 start_timeout_s: float = 600):
+    def __init__(self, model: str, model_cfg: ModelConfig, cfg: LearnerConfig, role: str = "policy",
+                 placement: PlacementConfig | None = None):
+        """model: a folder, HF id or bundled name, resolved by each rank on its own node."""
         cfg.validate()
         lr_lambda(cfg)  # config errors surface here, before any actor starts
         if role not in ROLES:
             raise ValueError(f"learner role must be one of {ROLES}, got {role!r}")
         started = time.perf_counter()
-        bundle = {"CPU": cfg.cpus_per_rank, **({"GPU": cfg.gpus_per_rank} if cfg.gpus_per_rank else {})}
-        self.placement = placement_group([bundle] * cfg.ranks, strategy="PACK")
-        try:
-            ray.get(self.placement.ready(), timeout=start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.placement)
-            raise RuntimeError(f"could not reserve {cfg.ranks} x {bundle} for the {role} learners in {start_timeout_s} s; "
-                               f"the cluster has {ray.cluster_resources()}. Fix: lower learner.ranks, "
-                               f"learner.cpus_per_rank or learner.gpus_per_rank, or add nodes.") from None
-
-        def in_bundle(index: int) -> PlacementGroupSchedulingStrategy:
-            return PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=index)
-
+        request = bundle(cfg.cpus_per_rank, gpus_for(model_cfg.device, cfg.gpus_per_rank), cfg.resources)
+        self.placement = reserve(f"{role} learners", [request] * cfg.ranks, "PACK", placement or PlacementConfig())
         self.actors = []
         try:
-            probe = _address_and_free_port.options(scheduling_strategy=in_bundle(0))
+            probe = _address_and_free_port.options(scheduling_strategy=in_bundle(self.placement, 0))
             master_addr, master_port = ray.get(probe.remote())
             self.actors = [
-                PolicyLearnerActor.options(num_cpus=cfg.cpus_per_rank, num_gpus=cfg.gpus_per_rank,
-                                           scheduling_strategy=in_bundle(rank))
-                .remote(rank, cfg.ranks, master_addr, master_port, model_path, model_cfg, cfg, role)
+                PolicyLearnerActor.options(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0),
+                                           resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")},
+                                           scheduling_strategy=in_bundle(self.placement, rank))
+                .remote(rank, cfg.ranks, master_addr, master_port, model, model_cfg, cfg, role)
                 for rank in range(cfg.ranks)]
             self.rank_timings = _wait_all([actor.ready.remote() for actor in self.actors])
         except Exception:
@@ -335,11 +333,11 @@ class LearnerGroup:
         ray.wait(refs[:1], fetch_local=False)  # done, but not copied to the driver
         return refs[0]
 
-    def save_checkpoint(self, directory: str, client_state: dict | None = None) -> None:
-        self._call("save_checkpoint", directory, client_state)
+    def save_checkpoint(self, storage: str, directory: str, client_state: dict | None = None) -> None:
+        self._call("save_checkpoint", storage, directory, client_state)
 
-    def load_checkpoint(self, directory: str) -> dict:
-        return self._call("load_checkpoint", directory)[0]
+    def load_checkpoint(self, storage: str, directory: str) -> dict:
+        return self._call("load_checkpoint", storage, directory)[0]
 
     def shutdown(self) -> None:
         """Kill the ranks and release their reservation (safe to call twice)."""

@@ -2,7 +2,9 @@
 
 `RolloutEngine` is a plain class (tests run it in-process); `RolloutActor` is the same class under ray.remote.
 The vLLM engine runs inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, from worker_env): weight
-sync hands it tensors in memory, which a multiprocess engine would lose in serialisation. What the engine's
+sync hands it tensors in memory, which a multiprocess engine would lose in serialisation. Each engine resolves
+the model on its own node (a bundled model is converted there, once) and, on CPU, binds its OpenMP threads to
+cores of its own node. What the engine's
 outputs mean (log-probs mode, EOS, tied embeddings) is decided and documented in pipeline/rollout.py.
 """
 from __future__ import annotations
@@ -15,16 +17,23 @@ import pyarrow as pa
 import ray
 import torch
 
-from actors.cluster import RayConfig, worker_env
+from actors.cluster import RayConfig
+from actors.placement import PlacementConfig, bundle, gpus_for, in_bundle, reserve
 from pipeline.arrow import ragged_to_numpy
-from pipeline.models import check_device
+from pipeline.models import check_device, resolve_model
 from pipeline.rollout import (LOGPROBS_MODE, RolloutConfig, outputs_to_rollout_table, prompt_logprobs_to_numpy,
                               sampling_params_kwargs, weights_for_sync)
 
 
 class RolloutEngine:
-    def __init__(self, model_path: str, dtype: str, device: str, cfg: RolloutConfig, engine_index: int = 0):
+    def __init__(self, model: str, dtype: str, device: str, cfg: RolloutConfig, engine_index: int = 0,
+                 cache_dir: str = "~/.cache/endorl", cpu_threads: str = ""):
+        """model: a folder, HF id or bundled name, resolved on this node. cpu_threads: VLLM_CPU_OMP_THREADS_BIND
+        for this engine (CPU only); empty = a block of cfg.cpus_per_engine cores of this node (cpu_threads_bind)."""
         check_device(device)  # a cuda request without a GPU fails here, before vLLM picks a platform
+        if device == "cpu":  # read by vLLM when the engine starts, in this process
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads or cpu_threads_bind(cfg, engine_index)
+        model_path = resolve_model(model, cache_dir)
         from vllm import LLM, SamplingParams  # lazy: the driver imports this module without loading vLLM
         from vllm.inputs import TokensPrompt
 
@@ -76,27 +85,25 @@ class RolloutEngine:
 RolloutActor = ray.remote(RolloutEngine)
 
 
-def engine_env(ray_cfg: RayConfig, cfg: RolloutConfig, engine_index: int) -> dict[str, str]:
-    """worker_env plus the cores engine `engine_index` binds its OpenMP threads to (CPU vLLM only).
-
-    --ray.vllm_cpu_threads "0-1|2-3" gives engine i the i-th part; empty = consecutive blocks of
-    rollout.cpus_per_engine cores of this machine (local mode), so engines never share a core.
-    """
-    env = worker_env(ray_cfg)
-    if ray_cfg.vllm_cpu_threads:
-        parts = ray_cfg.vllm_cpu_threads.split("|")
-        env["VLLM_CPU_OMP_THREADS_BIND"] = parts[engine_index % len(parts)]
-    else:
-        cores = sorted(os.sched_getaffinity(0))  # the CPU ids this machine lets us use
-        width = min(len(cores), max(1, int(cfg.cpus_per_engine)))
-        first = (engine_index * width) % len(cores)
-        first = first if first + width <= len(cores) else 0  # more engines than cores: they share, round robin
-        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(core) for core in cores[first:first + width])
-    return env
+def cpu_threads_bind(cfg: RolloutConfig, engine_index: int) -> str:
+    """Engine `engine_index`'s block of cfg.cpus_per_engine cores of the node this runs on, so engines on one node
+    never share a core (more engines than cores: they share, round robin)."""
+    cores = sorted(os.sched_getaffinity(0))  # the CPU ids this node lets us use
+    width = min(len(cores), max(1, int(cfg.cpus_per_engine)))
+    first = (engine_index * width) % len(cores)
+    first = first if first + width <= len(cores) else 0
+    return ",".join(str(core) for core in cores[first:first + width])
 
 
-def start_rollout_engines(model_path: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig) -> list:
-    """cfg.engines RolloutActors, each with its own seed and (on CPU) its own cores."""
-    return [RolloutActor.options(num_cpus=cfg.cpus_per_engine, num_gpus=cfg.gpus_per_engine,
-                                 runtime_env={"env_vars": engine_env(ray_cfg, cfg, i)})
-            .remote(model_path, dtype, device, cfg, i) for i in range(cfg.engines)]
+def start_rollout_engines(model: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig,
+                          placement: PlacementConfig, cache_dir: str = "~/.cache/endorl") -> tuple[list, object]:
+    """cfg.engines RolloutActors spread over the nodes, each with its own seed; returns (actors, placement group).
+    On CPU, --ray.vllm_cpu_threads "0-1|2-3" gives engine i the i-th part; empty = per-node blocks of cores."""
+    request = bundle(cfg.cpus_per_engine, gpus_for(device, cfg.gpus_per_engine), cfg.resources)
+    group = reserve("rollout engines", [request] * cfg.engines, "SPREAD", placement)
+    parts = ray_cfg.vllm_cpu_threads.split("|") if ray_cfg.vllm_cpu_threads else [""]
+    engines = [RolloutActor.options(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0),
+                                    resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")},
+                                    scheduling_strategy=in_bundle(group, i))
+               .remote(model, dtype, device, cfg, i, cache_dir, parts[i % len(parts)]) for i in range(cfg.engines)]
+    return engines, group

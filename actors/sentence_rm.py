@@ -6,13 +6,17 @@ unfinished responses) is decided in pipeline/sentence_rewards.py.
 """
 from __future__ import annotations
 
+import os
+import socket
+
 import pyarrow as pa
 import ray
 
 from pipeline.arrow import FLOATS, numpy_to_ragged, ragged_to_numpy
 from pipeline.models import check_device
 from pipeline.sentence_rewards import dense_sentence_rewards
-from pipeline.sentence_rm import BOUNDARY_TOKEN, load_reward_model
+from pipeline.sentence_rm import BOUNDARY_TOKEN, CONFIG_FILE, load_reward_model
+from pipeline.storage import Storage
 
 # What it appends to a rollout table.
 SENTENCE_RM_FIELDS = [
@@ -23,9 +27,16 @@ SENTENCE_RM_FIELDS = [
 
 class SentenceRMScorer:
     def __init__(self, rm_path: str, device: str = "cpu", splitter: str | None = None, batch_size: int = 16):
-        """splitter: None = the one the RM was trained with (its reward_model.yaml)."""
+        """rm_path: a folder on this node (shared storage on a cluster) or an s3:// / gs:// URI, downloaded here.
+        splitter: None = the one the RM was trained with (its reward_model.yaml)."""
         check_device(device)  # a cuda request without a GPU fails here, before loading anything
-        self.model, self.tokenizer, config = load_reward_model(rm_path, device=device)
+        storage = Storage(rm_path)
+        if not storage.exists(CONFIG_FILE):
+            raise FileNotFoundError(f"no trained reward model at {rm_path!r} as seen from node {socket.gethostname()} "
+                                    f"(pid {os.getpid()}): it has no {CONFIG_FILE}. Fix: jobs.train_rm's output/final "
+                                    f"folder, on storage every node mounts, or its s3:// / gs:// URI.")
+        with storage.readable_dir("") as folder:
+            self.model, self.tokenizer, config = load_reward_model(folder, device=device)
         if config.kind != "sentence":
             raise ValueError(f"{rm_path} holds a {config.kind!r} reward model; dense rewards need a sentence-level "
                              f"one (kind: sentence).")

@@ -63,7 +63,7 @@ def main() -> None:
     run = args.run
     if not run:
         from jobs import rlhf
-        run = rlhf.main(["--config", "configs/local.yaml", "--output", "runs/bench_rl", "--steps", "6",
+        run = rlhf.main(["--config", "configs/local.yaml", "--storage", "runs/bench_rl", "--steps", "6",
                          "--eval_every", "0", "--checkpoint_every", "0"])
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     steps = [r for r in rows if "time/step" in r][1:]  # skip step 1 (warm-up)

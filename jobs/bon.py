@@ -27,14 +27,16 @@ import ray
 import yaml
 from tqdm import tqdm
 
-from actors.cluster import RayConfig, init_ray
+from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
+from actors.placement import PlacementConfig, bundle, gpus_for, in_bundle, reserve
 from jobs.score import OutputWriter
 from pipeline.arrow import ragged_to_numpy
 from pipeline.config import from_dict, opt, parse_config, to_yaml
 from pipeline.data import load_prompts
 from pipeline.driver import tokenize_prompts
 from pipeline.endogenous import EndoRewardConfig
-from pipeline.models import ModelConfig, check_device, open_model
+from pipeline.models import ModelConfig, open_model
+from pipeline.storage import check_location
 from pipeline.rollout import RolloutConfig
 from pipeline.sentence_rm import CONFIG_FILE, RewardModelConfig
 
@@ -58,10 +60,11 @@ class BoNConfig:
     seed: int = opt(0, "prompt i of the run is sampled with seed + i")
     rollout_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "vLLM engine precision (fp16 does not run on CPU)")
     scorer_cpus: float = opt(1, "CPUs per scoring actor (one per reward source)")
-    scorer_gpus: float = opt(0, "GPUs per scoring actor (set 1 with --model.device cuda)")
+    scorer_gpus: float = opt(0, "GPUs per scoring actor (0 with --model.device cuda = 1)")
     model: ModelConfig = opt(factory=ModelConfig)
     endogenous: EndoRewardConfig = opt(factory=EndoRewardConfig)
     rollout: RolloutConfig = opt(factory=RolloutConfig)
+    placement: PlacementConfig = opt(factory=PlacementConfig)
     ray: RayConfig = opt(factory=RayConfig)
 
 
@@ -73,10 +76,11 @@ def check_config(cfg: BoNConfig) -> None:
         raise SystemExit(f"--prompts_per_batch must be >= 1, got {cfg.prompts_per_batch}. Fix: --prompts_per_batch 8")
     if cfg.max_prompts < 0:
         raise SystemExit(f"--max_prompts must be >= 0 (0 = all), got {cfg.max_prompts}.")
-    try:
-        check_device(cfg.model.device)
-    except RuntimeError as e:
-        raise SystemExit(f"--model.device: {e}")
+    check_driver_device(cfg.ray, cfg.model.device)
+    try:  # the driver writes the output; on a cluster a relative path is the job's temporary working directory
+        check_location(cfg.output, "--output", cluster=not is_local(cfg.ray))
+    except ValueError as e:
+        raise SystemExit(str(e))
     if "sentence_rm" in SOURCES[cfg.reward]:
         check_rm_path(cfg.rm_path, cfg.reward)
 
@@ -143,7 +147,7 @@ def best_of_n(cfg: BoNConfig) -> str:
         prompts = prompts.slice(0, cfg.max_prompts)
     if prompts.num_rows == 0:
         raise SystemExit(f"--prompts {cfg.prompts!r} gave zero prompts. Fix: point it at a file with a `prompt` column.")
-    model_path, tokenizer, window = open_model(cfg.model)
+    _, tokenizer, window = open_model(cfg.model)
     cfg.rollout.check_fits(window)
     try:
         prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.endogenous.system_prompt, cfg.rollout.max_prompt_tokens)
@@ -159,14 +163,21 @@ def best_of_n(cfg: BoNConfig) -> str:
     from actors.rollout import start_rollout_engines
     from actors.sentence_rm import SentenceRMActor
 
-    engines = start_rollout_engines(model_path, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray)
-    scorer_options = dict(num_cpus=cfg.scorer_cpus, num_gpus=cfg.scorer_gpus)
+    try:
+        engines, engine_group = start_rollout_engines(cfg.model.name, cfg.rollout_dtype, cfg.model.device, cfg.rollout,
+                                                      cfg.ray, cfg.placement, cfg.model.cache_dir)
+        request = bundle(cfg.scorer_cpus, gpus_for(cfg.model.device, cfg.scorer_gpus))
+        scorer_group = reserve("scorers", [request] * len(SOURCES[cfg.reward]), "SPREAD", cfg.placement)
+    except RuntimeError as e:
+        raise SystemExit(f"could not start the actors: {e}")
+    scorer_options = [dict(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0), scheduling_strategy=in_bundle(scorer_group, i))
+                      for i in range(len(SOURCES[cfg.reward]))]
     scorers = {}
     if "endogenous" in SOURCES[cfg.reward]:
-        scorers["endogenous"] = BaseModelActor.options(**scorer_options).remote(cfg.model, cfg.endogenous)
+        scorers["endogenous"] = BaseModelActor.options(**scorer_options.pop()).remote(cfg.model, cfg.endogenous)
     if "sentence_rm" in SOURCES[cfg.reward]:
-        scorers["sentence_rm"] = SentenceRMActor.options(**scorer_options).remote(
-            os.path.expanduser(cfg.rm_path), cfg.model.device, cfg.splitter or None)
+        scorers["sentence_rm"] = SentenceRMActor.options(**scorer_options.pop()).remote(
+            cfg.rm_path, cfg.model.device, cfg.splitter or None)
     try:
         print(f"starting {len(engines)} rollout engine(s) and scorers: {', '.join(scorers)}")
         ray.get([actor.__ray_ready__.remote() for actor in engines + list(scorers.values())])
@@ -180,6 +191,8 @@ def best_of_n(cfg: BoNConfig) -> str:
     finally:
         for actor in engines + list(scorers.values()):
             ray.kill(actor)
+        for group in (engine_group, scorer_group):
+            ray.util.remove_placement_group(group)
     print(f"best-of-{cfg.n} for {prompt_ids.num_rows} prompts ({cfg.reward}) -> {cfg.output}")
     return cfg.output
 

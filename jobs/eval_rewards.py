@@ -17,7 +17,8 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from actors.base_model import EndogenousScorer, JudgeScorer, ScoringConfig, map_with_actor_pool
-from actors.cluster import RayConfig, init_ray
+from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
+from actors.placement import PlacementConfig, bundle, gpus_for, wait_for_room
 from pipeline.arrow import request_table
 from pipeline.chat import encode_prompt, encode_response, fit_to_window
 from pipeline.config import opt, parse_config, to_dict, to_yaml
@@ -25,7 +26,8 @@ from pipeline.data import load_preference_data
 from pipeline.endogenous import EndoRewardConfig
 from pipeline.evaluation import accuracy_table, markdown_table
 from pipeline.judge import judge_prompt_ids
-from pipeline.models import ModelConfig, check_device, open_model
+from pipeline.models import ModelConfig, open_model
+from pipeline.storage import check_location
 
 
 @dataclasses.dataclass
@@ -38,6 +40,7 @@ class EvalConfig:
     model: ModelConfig = opt(factory=ModelConfig)
     reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
     scoring: ScoringConfig = opt(factory=ScoringConfig)
+    placement: PlacementConfig = opt(factory=PlacementConfig)
     ray: RayConfig = opt(factory=RayConfig)
 
 
@@ -76,7 +79,11 @@ def run_pool(table: pa.Table, scorer_cls, cfg: EvalConfig, column: str, desc: st
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    check_device(cfg.model.device)
+    check_driver_device(cfg.ray, cfg.model.device)
+    try:  # the driver writes the results; on a cluster a relative path is the job's temporary working directory
+        check_location(cfg.output, "--output", cluster=not is_local(cfg.ray))
+    except ValueError as e:
+        raise SystemExit(str(e))
     loaded = [load_preference_data(source, cfg.format) for source in cfg.data.split(",")]
     pairs, skipped = pa.concat_tables([t for t, _ in loaded]), [line for _, lines in loaded for line in lines]
     if cfg.max_pairs:
@@ -92,6 +99,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise SystemExit(f"--data: {e}")
 
     init_ray(cfg.ray, cfg.model.device)
+    try:
+        wait_for_room("scoring replicas", bundle(cfg.scoring.cpus_per_replica or 1,
+                                                 gpus_for(cfg.model.device, cfg.scoring.gpus_per_replica),
+                                                 cfg.scoring.resources), cfg.placement)
+    except RuntimeError as e:
+        raise SystemExit(f"could not place a scoring replica: {e}")
     token_rewards = run_pool(requests, EndogenousScorer, cfg, "token_rewards", "endogenous reward")
     totals = np.array([np.sum(r, dtype=np.float64) for r in token_rewards])
     lengths = np.array([len(r) for r in token_rewards], dtype=np.float64)

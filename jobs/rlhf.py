@@ -1,12 +1,13 @@
 """RLHF with the endogenous reward of a frozen base model, on Ray.
 
     python -m jobs.rlhf --config configs/local.yaml              # local debug mode: embedded Ray, CPU
-    ray job submit --working-dir . -- python -m jobs.rlhf --config configs/cluster.yaml
+    ray job submit --working-dir . -- python -m jobs.rlhf --config configs/gpu.yaml --storage s3://BUCKET/runs/NAME
 
 vLLM engines sample, the frozen base model scores (endogenous reward + reference log-probs in one pass),
 DeepSpeed learners update the policy, and the new weights go back into the engines every step.
-Writes TensorBoard logs, metrics.jsonl, checkpoints and curves.png under --output; --resume continues from
-the newest checkpoint there.
+Writes TensorBoard logs, metrics.jsonl, nodes.json (which node ran which actor), checkpoints and curves.png to
+--storage (a folder; on a cluster an absolute path every node mounts, or s3:// / gs://); --resume continues from
+the newest complete checkpoint there.
 """
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ import dataclasses
 import os
 from typing import Literal
 
-from actors.cluster import RayConfig, init_ray
+from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
+from actors.placement import PlacementConfig
 from pipeline.config import opt, parse_config, to_yaml
 from pipeline.data import builtin_prompts, load_prompts, split_prompts
 from pipeline.driver import rl_loop, tokenize_prompts
 from pipeline.endogenous import EndoRewardConfig
 from pipeline.experience import AdvantageConfig
-from pipeline.models import ModelConfig, check_device, open_model
+from pipeline.models import ModelConfig, open_model
 from pipeline.policy import LearnerConfig
 from pipeline.rollout import RolloutConfig
 from pipeline.runlog import RunLog, latest_checkpoint, plot_curves
+from pipeline.sentence_rm import CONFIG_FILE
+from pipeline.storage import Storage, check_location
 
 
 @dataclasses.dataclass
@@ -35,8 +39,10 @@ class RLConfig:
     steps: int = opt(20, "RL iterations")
     prompts_per_step: int = opt(8, "prompts per iteration (each sampled rollout.n_samples times)")
     seed: int = opt(0, "seed of the prompt order and the sampling")
-    output: str = opt("runs/rlhf", "run folder: tensorboard/, metrics.jsonl, checkpoints/, curves.png, config.yaml")
-    resume: bool = opt(False, "continue from the newest checkpoint in --output")
+    storage: str = opt("runs/rlhf", "the run's folder: tensorboard/, metrics.jsonl, nodes.json, checkpoints/ (every "
+                                    "learner rank writes its shard here), curves.png, config.yaml. A local folder in "
+                                    "local mode; on a cluster an absolute path every node mounts, or s3:// / gs://")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --storage")
     checkpoint_every: int = opt(10, "save a checkpoint every K steps (and at the end); 0 = never")
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
@@ -45,11 +51,16 @@ class RLConfig:
     rollout_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "vLLM engine precision (fp16 does not run on CPU)")
     scorers: int = opt(1, "frozen base-model actors (endogenous reward + reference log-probs)")
     scorer_cpus: float = opt(1, "CPUs per base-model actor")
-    scorer_gpus: float = opt(0, "GPUs per base-model actor")
-    sentence_rm: str = opt("", "trained sentence RM folder (jobs.train_rm's output/final); used when "
-                               "advantage.sentence_rm_weight != 0")
+    scorer_gpus: float = opt(0, "GPUs per base-model actor (0 with --model.device cuda = 1)")
+    scorer_resources: dict[str, float] = opt(help="custom Ray resources each base-model actor needs (pins it to a "
+                                                  "node type)", factory=dict)
+    sentence_rm: str = opt("", "trained sentence RM (jobs.train_rm's storage/final), used when "
+                               "advantage.sentence_rm_weight != 0: a folder (on a cluster: on storage every node "
+                               "mounts, read by the RM actor on its node) or an s3:// / gs:// URI")
     sentence_rm_cpus: float = opt(1, "CPUs of the sentence-RM actor")
-    sentence_rm_gpus: float = opt(0, "GPUs of the sentence-RM actor")
+    sentence_rm_gpus: float = opt(0, "GPUs of the sentence-RM actor (0 with --model.device cuda = 1)")
+    sentence_rm_resources: dict[str, float] = opt(help="custom Ray resources of the sentence-RM actor", factory=dict)
+    placement: PlacementConfig = opt(factory=PlacementConfig)
     model: ModelConfig = opt(factory=ModelConfig)
     reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
     advantage: AdvantageConfig = opt(factory=AdvantageConfig)
@@ -58,12 +69,14 @@ class RLConfig:
     ray: RayConfig = opt(factory=RayConfig)
 
 
-def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int) -> None:
-    """Every refusal that can be known before a single actor starts."""
+def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bool) -> None:
+    """Every refusal that can be known before a single actor starts. On a cluster the driver's own devices say
+    nothing (it runs on a CPU head node): a cuda run there waits for GPU nodes when its actors are placed."""
+    check_driver_device(cfg.ray, cfg.model.device)
     try:
-        check_device(cfg.model.device)
-    except RuntimeError as e:
-        raise SystemExit(f"--model.device: {e}")
+        check_location(cfg.storage, "--storage", cluster=not local)
+    except ValueError as e:
+        raise SystemExit(str(e))
     if prompt_count == 0:
         raise SystemExit(f"--prompts {cfg.prompts!r} gave zero prompts. Fix: point it at a file with a `prompt` column.")
     if cfg.advantage.estimator in ("grpo", "rloo") and cfg.rollout.n_samples < 2:
@@ -74,23 +87,24 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int) -> None:
     if cfg.prompts_per_step > prompt_count:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is more than the {prompt_count} training prompts. "
                          f"Fix: lower it or give more prompts.")
-    if cfg.advantage.sentence_rm_weight and not os.path.exists(os.path.join(cfg.sentence_rm, "reward_model.yaml")):
+    if cfg.advantage.sentence_rm_weight and not (cfg.sentence_rm and Storage(cfg.sentence_rm).exists(CONFIG_FILE)):
         raise SystemExit(f"--advantage.sentence_rm_weight {cfg.advantage.sentence_rm_weight} needs a trained sentence RM, "
-                         f"but --sentence_rm {cfg.sentence_rm!r} holds no reward_model.yaml. Fix: train one with "
-                         f"jobs.train_rm and pass its output/final folder.")
+                         f"but --sentence_rm {cfg.sentence_rm!r} holds no {CONFIG_FILE} (as seen from the driver). "
+                         f"Fix: train one with jobs.train_rm and pass its final folder, on storage every node mounts.")
 
 
 def main(argv: list[str] | None = None) -> str:
     cfg = parse_config(RLConfig, argv, __doc__)
     if cfg.local:
         cfg.ray.address = "local"
+    local = is_local(cfg.ray)
     print(to_yaml(cfg))
     try:
         prompts = builtin_prompts() if cfg.prompts == "builtin" else load_prompts(cfg.prompts)
         train_prompts, heldout_prompts = split_prompts(prompts, cfg.heldout_fraction, cfg.seed)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--prompts: {e}")
-    check_config(cfg, train_prompts.num_rows, heldout_prompts.num_rows)
+    check_config(cfg, train_prompts.num_rows, heldout_prompts.num_rows, local)
     model_path, tokenizer, window = open_model(cfg.model)
     cfg.rollout.check_fits(window)
     try:
@@ -98,25 +112,34 @@ def main(argv: list[str] | None = None) -> str:
         heldout_ids = tokenize_prompts(heldout_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)
     except ValueError as e:
         raise SystemExit(f"--prompts: {e}")
-    resume = latest_checkpoint(cfg.output) if cfg.resume else None
+    resume = latest_checkpoint(cfg.storage) if cfg.resume else None
     if cfg.resume and resume is None:
-        raise SystemExit(f"--resume: no complete checkpoint under {cfg.output}/checkpoints. Fix: drop --resume or fix --output.")
+        raise SystemExit(f"--resume: no complete checkpoint under {cfg.storage}/checkpoints. Fix: drop --resume or fix --storage.")
     cfg.learner.total_steps = cfg.learner.total_steps or cfg.steps * cfg.learner.ppo_epochs
 
     init_ray(cfg.ray, cfg.model.device)
     from actors.groups import RLWorkers  # imports vLLM/DeepSpeed wrappers only once the config is known good
 
-    workers = RLWorkers(cfg, model_path)
-    start_step = workers.load(resume[0])["step"] if resume else 0
-    log = RunLog(cfg.output, to_yaml(cfg), resume_step=start_step)
     try:
-        rl_loop(cfg, workers, train_ids, heldout_ids, log, start_step)
+        workers = RLWorkers(cfg)
+    except RuntimeError as e:  # placement: nothing fits, or no GPU node came within --placement.timeout_s
+        raise SystemExit(f"could not start the actors: {e}")
+    try:
+        start_step = workers.load(resume[0])["step"] if resume else 0
+        log = RunLog(cfg.storage, to_yaml(cfg), resume_step=start_step)
+        nodes = workers.nodes()
+        log.write_json("nodes.json", nodes)
+        for role, where in nodes.items():
+            print(f"{role}: " + ", ".join(f"{n['node_id'][:8]} ({n['ip']})" for n in where), flush=True)
+        try:
+            rl_loop(cfg, workers, train_ids, heldout_ids, log, start_step)
+        finally:
+            log.close()
     finally:
-        log.close()
         workers.shutdown()
-    plot_curves(log.history(), os.path.join(cfg.output, "curves.png"))
-    print(f"done: {cfg.output}/metrics.jsonl, {cfg.output}/curves.png, tensorboard --logdir {cfg.output}/tensorboard")
-    return cfg.output
+    plot_curves(log.history(), log.storage)
+    print(f"done: {cfg.storage}/metrics.jsonl, {cfg.storage}/curves.png, tensorboard --logdir {cfg.storage}/tensorboard")
+    return cfg.storage
 
 
 if __name__ == "__main__":

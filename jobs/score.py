@@ -19,13 +19,15 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from actors.base_model import EndogenousScorer, ScoringConfig, map_with_actor_pool
-from actors.cluster import RayConfig, init_ray
+from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
+from actors.placement import PlacementConfig, bundle, gpus_for, wait_for_room
 from pipeline.arrow import request_table
 from pipeline.chat import encode_prompt, encode_response, fit_to_window
 from pipeline.config import opt, parse_config, to_yaml
 from pipeline.data import prompt_field, read_records, require_columns, text_field
 from pipeline.endogenous import EndoRewardConfig
-from pipeline.models import ModelConfig, check_device, open_model
+from pipeline.models import ModelConfig, open_model
+from pipeline.storage import check_location
 
 
 @dataclasses.dataclass
@@ -36,6 +38,7 @@ class ScoreConfig:
     base: ModelConfig = opt(factory=ModelConfig)
     reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
     scoring: ScoringConfig = opt(factory=ScoringConfig)
+    placement: PlacementConfig = opt(factory=PlacementConfig)
     ray: RayConfig = opt(factory=RayConfig)
 
 
@@ -79,8 +82,12 @@ class OutputWriter:
 
 def score_file(cfg: ScoreConfig) -> str:
     cfg.base.name = cfg.model
-    check_device(cfg.base.device)
-    rows, messages, responses = read_and_check(cfg.input)
+    check_driver_device(cfg.ray, cfg.base.device, "--base.device")
+    try:  # the driver writes the output; on a cluster a relative path is the job's temporary working directory
+        check_location(cfg.output, "--output", cluster=not is_local(cfg.ray))
+    except ValueError as e:
+        raise SystemExit(str(e))
+    rows, messages, responses = read_and_check(cfg.input)  # read here, on the driver, and shipped as data
     if cfg.output.endswith(".parquet") and len({type(row["prompt"]) for row in rows}) > 1:
         rows = [dict(row, prompt=m) for row, m in zip(rows, messages)]  # a parquet column holds one type
     writer = OutputWriter(cfg.output)
@@ -97,6 +104,12 @@ def score_file(cfg: ScoreConfig) -> str:
         dropped.append(n_dropped)
     requests = request_table(prompt_ids, response_ids, [True] * len(prompt_ids), row_index=pa.array(range(len(rows))))
     init_ray(cfg.ray, cfg.base.device)
+    try:
+        wait_for_room("scoring replicas", bundle(cfg.scoring.cpus_per_replica or 1,
+                                                 gpus_for(cfg.base.device, cfg.scoring.gpus_per_replica),
+                                                 cfg.scoring.resources), cfg.placement)
+    except RuntimeError as e:
+        raise SystemExit(f"could not place a scoring replica: {e}")
     with tqdm(total=len(rows), desc="scoring", unit="row") as bar:
         for batch in map_with_actor_pool(requests, EndogenousScorer, cfg.base, cfg.reward, cfg.scoring):
             scored = [dict(rows[i], reward=reward, token_rewards=token_rewards, prompt_tokens_dropped=dropped[i])

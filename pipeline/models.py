@@ -56,10 +56,21 @@ def resolve_model(name_or_path: str, cache_dir: str = "~/.cache/endorl") -> str:
 
 
 def convert_bundled_model(name: str, cache_dir: str) -> str:
-    """Dequantize a bundled GGUF model into `cache_dir/name` as safetensors + tokenizer (atomic, once)."""
+    """Dequantize a bundled GGUF model into `cache_dir/name` as safetensors + tokenizer (atomic, once per node:
+    every actor calls this on its own node, and a file lock makes the actors of one node convert it once)."""
     target = os.path.join(cache_dir, name)
     if os.path.exists(os.path.join(target, "model.safetensors")):
         return target
+    from filelock import FileLock
+
+    os.makedirs(cache_dir, exist_ok=True)
+    with FileLock(os.path.join(cache_dir, f".{name}.lock")):
+        if not os.path.exists(os.path.join(target, "model.safetensors")):  # another process may have finished
+            _convert(name, cache_dir, target)
+    return target
+
+
+def _convert(name: str, cache_dir: str, target: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package, gguf_file = BUNDLED_MODELS[name]
@@ -75,15 +86,11 @@ def convert_bundled_model(name: str, cache_dir: str) -> str:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    os.makedirs(cache_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    try:
-        os.rename(staging, target)
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    shutil.rmtree(target, ignore_errors=True)  # a folder without its weights: an earlier conversion that died
+    os.rename(staging, target)
 
 
 def load_tokenizer(path: str):

@@ -56,7 +56,9 @@ class LearnerConfig:
     value_clip_eps: float = opt(0.2, "critic value clip epsilon")
     seed: int = opt(0, "seed for the critic's fresh value head (identical on every rank)")
     cpus_per_rank: float = opt(1, "CPUs reserved per rank")
-    gpus_per_rank: float = opt(0, "GPUs per rank (1 with --model.device cuda)")
+    gpus_per_rank: float = opt(0, "GPUs per rank (0 with --model.device cuda = 1)")
+    resources: dict[str, float] = opt(help="custom Ray resources each rank needs, e.g. '{gpu8_node: 1}' to pin the "
+                                           "ranks to a node type that advertises it", factory=dict)
 
     def __post_init__(self):
         self.validate()

@@ -47,7 +47,9 @@ class RolloutConfig:
     seed: int = opt(0, "engine i samples with seed + i")
     gpu_memory_utilization: float = opt(0.5, "fraction of GPU memory for vLLM (weights + KV cache); unused on CPU")
     cpus_per_engine: float = opt(1, "CPUs per engine actor; on CPU the engine's OpenMP threads bind to as many cores")
-    gpus_per_engine: float = opt(0, "GPUs per engine actor (1 with --model.device cuda)")
+    gpus_per_engine: float = opt(0, "GPUs per engine actor (0 with --model.device cuda = 1)")
+    resources: dict[str, float] = opt(help="custom Ray resources each engine needs, e.g. '{gpu8_node: 1}' to pin the "
+                                           "engines to a node type that advertises it", factory=dict)
     enforce_eager: bool = opt(True, "no CUDA graphs / compilation: faster start, slower decode on GPU")
 
     def __post_init__(self):

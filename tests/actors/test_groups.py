@@ -19,7 +19,7 @@ def tiny_args(model_dir, output, *extra):
     return ["--local", "--model.name", model_dir, "--rollout_dtype", "float32", "--steps", "2", "--prompts_per_step", "2",
             "--rollout.n_samples", "2", "--rollout.max_new_tokens", "8", "--rollout.max_prompt_tokens", "128",
             "--learner.ranks", "2", "--learner.zero_stage", "2", "--learner.lr", "1e-3", "--eval_every", "1",
-            "--sync_check_every", "1", "--checkpoint_every", "1", "--output", str(output), *extra]
+            "--sync_check_every", "1", "--checkpoint_every", "1", "--storage", str(output), *extra]
 
 
 def read_metrics(path):
@@ -34,7 +34,7 @@ def test_one_step_changes_weights_and_reaches_the_engine(tmp_path, tiny_model_di
     from pipeline.runlog import RunLog
 
     cfg = parse_config(rlhf.RLConfig, tiny_args(tiny_model_dir, tmp_path, "--steps", "1"))
-    workers = RLWorkers(cfg, tiny_model_dir)
+    workers = RLWorkers(cfg)
     try:
         before = ray.get(workers.learner.state_dict_ref())
         prompts = tokenize_prompts(builtin_prompts().slice(0, 6), load_tokenizer(tiny_model_dir), "", 128)

@@ -69,7 +69,7 @@ def test_zero2_group_trains_syncs_and_resumes_exactly(tiny_model_dir, local_ray,
         for i, got in enumerate(group.logprobs(batch1)):
             np.testing.assert_allclose(got, want[i, : int(mask[i].sum())].numpy(), atol=1e-5)
 
-        group.save_checkpoint(str(tmp_path / "ckpt"), {"iteration": 1})
+        group.save_checkpoint(str(tmp_path), "ckpt", {"iteration": 1})
         batch2 = experience(group, rows(1), seed=1)
         second = group.train_step(batch2)
     finally:
@@ -77,7 +77,7 @@ def test_zero2_group_trains_syncs_and_resumes_exactly(tiny_model_dir, local_ray,
 
     resumed = LearnerGroup(tiny_model_dir, model_cfg, cfg)
     try:
-        assert resumed.load_checkpoint(str(tmp_path / "ckpt")) == {"iteration": 1}
+        assert resumed.load_checkpoint(str(tmp_path), "ckpt") == {"iteration": 1}
         again = resumed.train_step(batch2)
     finally:
         resumed.shutdown()

@@ -10,8 +10,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.cluster import RayConfig
-from actors.rollout import RolloutEngine, engine_env, start_rollout_engines
+from ray.util.placement_group import remove_placement_group
+
+from actors.cluster import RayConfig, worker_env
+from actors.placement import PlacementConfig
+from actors.rollout import RolloutEngine, cpu_threads_bind, start_rollout_engines
 from pipeline.arrow import ROLLOUT_SCHEMA, numpy_to_ragged, ragged_to_numpy
 from pipeline.models import build_tiny_model, load_causal_lm, load_tokenizer
 from pipeline.rollout import RolloutConfig, logprob_parity, sampling_params_kwargs
@@ -47,8 +50,8 @@ def new_model_dir(tiny_model_dir, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
     """One in-process engine for the module; the CPU vLLM variables it needs, restored afterwards."""
-    env = engine_env(RayConfig(vllm_cpu_kvcache_gib=1), CFG, engine_index=0)
-    saved = {name: os.environ.get(name) for name in env}
+    env = worker_env(RayConfig(vllm_cpu_kvcache_gib=1))
+    saved = {name: os.environ.get(name) for name in [*env, "VLLM_CPU_OMP_THREADS_BIND"]}
     os.environ.update(env)
     yield RolloutEngine(tiny_model_dir, "float32", "cpu", CFG, engine_index=0)
     for name, value in saved.items():
@@ -70,15 +73,14 @@ def test_cuda_request_fails_clearly_on_cpu(tiny_model_dir):
         RolloutEngine(tiny_model_dir, "float32", "cuda", CFG, engine_index=0)
 
 
-def test_engine_env_gives_each_engine_its_own_cores():
+def test_each_engine_binds_its_own_cores_of_its_node():
     cores = sorted(os.sched_getaffinity(0))
     one_core = RolloutConfig(engines=2, cpus_per_engine=1)
-    binds = [engine_env(RayConfig(), one_core, i)["VLLM_CPU_OMP_THREADS_BIND"] for i in range(2)]
+    binds = [cpu_threads_bind(one_core, i) for i in range(2)]
     if len(cores) >= 2:
         assert binds == [str(cores[0]), str(cores[1])]
-    explicit = RayConfig(vllm_cpu_threads="0-1|2-3")
-    assert engine_env(explicit, one_core, 1)["VLLM_CPU_OMP_THREADS_BIND"] == "2-3"
-    assert engine_env(explicit, one_core, 1)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    everything = RolloutConfig(engines=1, cpus_per_engine=64)  # more than the node has: all of its cores
+    assert cpu_threads_bind(everything, 0) == ",".join(map(str, cores))
 
 
 @pytest.mark.slow
@@ -162,7 +164,8 @@ def test_load_weights_moves_tied_head_and_prefix_cache(engine, prompts, tiny_mod
 @pytest.mark.slow
 def test_rollout_actor_through_ray(local_ray, prompts, tiny_model_dir, new_model_dir):
     cfg = RolloutConfig(n_samples=2, temperature=TEMPERATURE, max_new_tokens=8, max_prompt_tokens=256)
-    (actor,) = start_rollout_engines(tiny_model_dir, "float32", "cpu", cfg, RayConfig(vllm_cpu_kvcache_gib=1))
+    (actor,), group = start_rollout_engines(tiny_model_dir, "float32", "cpu", cfg, RayConfig(vllm_cpu_kvcache_gib=1),
+                                            PlacementConfig(timeout_s=60))
     try:
         rollout = local_ray.get(actor.generate.remote(prompts))
         assert rollout.schema == ROLLOUT_SCHEMA and rollout.num_rows == 4
@@ -174,3 +177,4 @@ def test_rollout_actor_through_ray(local_ray, prompts, tiny_model_dir, new_model
         assert logprob_parity(synced, [hf_logprobs(new_model, p, r) for p, r in zip(prompt_ids, response_ids)]) < 1e-3
     finally:
         local_ray.kill(actor)
+        remove_placement_group(group)

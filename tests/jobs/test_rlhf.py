@@ -55,7 +55,7 @@ def test_prompt_longer_than_context(tmp_path, tiny_model_dir):
 
 
 def test_resume_without_checkpoint(tmp_path, tiny_model_dir):
-    refuse(tiny_model_dir, "--resume", "--output", str(tmp_path / "run"), match="no complete checkpoint")
+    refuse(tiny_model_dir, "--resume", "--storage", str(tmp_path / "run"), match="no complete checkpoint")
 
 
 def test_sentence_rm_weight_needs_a_trained_rm(tmp_path, tiny_model_dir):
