@@ -217,7 +217,6 @@ class LocalCluster:
         atexit.register(self.stop)  # a crashed test session still cleans up
         (self.base_dir / "logs").mkdir(parents=True)
         self.shared_dir.mkdir()
-        self.home_cache.mkdir(parents=True, exist_ok=True)  # the mount point of the workers' private cache
         try:
             self._start_head()
             self.startup_phases["head"] = time.monotonic() - t0
@@ -302,6 +301,7 @@ class LocalCluster:
 
     def namespace_argv(self, commands: str) -> list[str]:
         """argv that runs `commands` (sh) with a worker node's view of the disks."""
+        self.home_cache.mkdir(parents=True, exist_ok=True)  # the mount point of the workers' private cache
         for h in self.hidden_paths:
             if not h.is_dir():
                 raise ValueError(f"hidden path {h} is not an existing folder")
@@ -325,6 +325,19 @@ class LocalCluster:
                     out.append(p)
             except (ProcessLookupError, PermissionError, psutil.Error):
                 pass
+        return out
+
+    def memory_pss(self) -> dict[str, int]:
+        """Bytes of memory (PSS: shared pages split between their users) each node's processes hold now."""
+        out = {}
+        for node in self.nodes:
+            total = 0
+            for p in self._node_processes(node):
+                try:
+                    total += p.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            out[node.name] = total
         return out
 
     def _raylet_node_id(self, node: _Node) -> str | None:

@@ -3,6 +3,7 @@
 tests/multinode_probe.py runs as the job: one task pinned to each node reports what that node sees.
 """
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -91,7 +92,7 @@ def _cmdlines(procs) -> list[list[str]]:
         try:
             out.append(p.cmdline())
         except psutil.Error:  # gone meanwhile
-            pass
+            out.append([])
     return out
 
 
@@ -111,6 +112,14 @@ def test_token_auth_is_on(multinode_cluster):
     env = multinode_cluster.client_env
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == multinode_cluster.token
     assert "RAY_ADDRESS" not in env
+
+
+def test_cluster_stays_small(multinode_cluster):
+    """Three raylets with the head's dashboard: about 1.3 GB (PSS) here; idle workers left by jobs add a bit."""
+    pss = multinode_cluster.memory_pss()
+    print(f"\n[multinode] memory (PSS): " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in pss.items()))
+    assert set(pss) == {"head", *WORKERS} and all(v > 0 for v in pss.values())
+    assert sum(pss.values()) < 2.5e9
 
 
 def test_readme_cli_job_sees_own_disks_per_node(multinode_cluster, markers):
@@ -185,6 +194,13 @@ def test_stop_leaves_no_process():
         time.sleep(2)
         before = cluster.surviving_processes()
         assert len(before) > 10  # raylets, GCS, dashboard, agents, workers, the driver
+        # `ray start` daemons stay in the process group of the `ray start` that started them (the session
+        # leader); Ray's worker processes make groups of their own, inside the same session.
+        leaders = {n.name: n.proc.pid for n in cluster.nodes}
+        daemons = [(p.pid, c) for p, c in zip(before, _cmdlines(before))
+                   if any(d in " ".join(c[:2]) for d in ("/raylet", "/gcs_server", "dashboard/dashboard.py"))]
+        assert len(daemons) == 4, daemons  # two raylets, one GCS, one dashboard
+        assert {os.getpgid(pid) for pid, _ in daemons} == set(leaders.values()), (daemons, leaders)
         # The job driver is among them (it runs in a session of its own, below the head's job supervisor).
         assert any("tasks started" in " ".join(cmdline) for cmdline in _cmdlines(before))
     finally:
