@@ -20,7 +20,8 @@ worker processes too (they get their own process groups inside it), job drivers 
 are descendants of a node's processes. Every node process also carries ENDORL_LOCAL_CLUSTER=<tag> in its
 environment and has its cwd under the cluster's folder. `stop()` signals all of them (SIGTERM, then SIGKILL after
 a grace period) and finally kills, by pid, any process whose command line, cwd or environment still names the
-cluster's tag. It never uses `ray stop` (which kills every Ray on the machine, teammates' included).
+cluster's tag. It never uses `ray stop` (which kills every Ray on the machine, teammates' included). After a
+crashed test session: `python -m tests.multinode list`, then `python -m tests.multinode stop emn-...`.
 
     with LocalCluster(workers=[NodeSpec(1, {"endorl_engine": 10}), NodeSpec(1)]) as cluster:
         status, logs = cluster.submit("python -m jobs.score ...", {"working_dir": REPO_ROOT, "excludes": [...]})
@@ -119,6 +120,28 @@ def _is_under(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def tagged_processes(tag: str) -> list[psutil.Process]:
+    """Live processes of the LocalCluster `tag`: the tag in their command line, cwd or environment (every node
+    process and job driver inherits ENDORL_LOCAL_CLUSTER, even those whose command line Ray rewrites)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if any(tag in arg for arg in p.cmdline()) or tag in p.cwd() or p.environ().get(TAG_ENV) == tag:
+                out.append(p)
+        except psutil.Error:  # gone, or not ours to read
+            pass
+    return out
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         with open(path, errors="replace") as f:
@@ -143,7 +166,7 @@ class LocalCluster:
         hide_paths: Sequence[str | os.PathLike] = (),
         base_dir: str | os.PathLike = "/var/tmp",
         start_timeout_s: float = 90.0,
-        stop_grace_s: float = 5.0,
+        stop_grace_s: float = 2.0,  # the head's GCS and raylet ignore SIGTERM for 8 s+; nothing here needs them to
     ):
         self.tag = f"emn-{secrets.token_hex(6)}"  # names every folder and process of this cluster
         self.head_spec = head
@@ -519,21 +542,9 @@ class LocalCluster:
 
     # ---------------------------------------------------------------- stop
 
-    def _is_ours(self, p: psutil.Process) -> bool:
-        try:
-            if p.status() == psutil.STATUS_ZOMBIE:
-                return False
-            if any(self.tag in arg for arg in p.cmdline()):
-                return True
-            if self.tag in p.cwd():
-                return True
-            return p.environ().get(TAG_ENV) == self.tag
-        except psutil.Error:
-            return False
-
     def surviving_processes(self) -> list[psutil.Process]:
         """Live processes of this cluster: its tag in their command line, cwd or environment."""
-        return [p for p in psutil.process_iter() if p.pid != os.getpid() and self._is_ours(p)]
+        return tagged_processes(self.tag)
 
     def _all_processes(self) -> dict[int, psutil.Process]:
         procs = {p.pid: p for p in self.surviving_processes()}
@@ -547,7 +558,7 @@ class LocalCluster:
                     procs[c.pid] = c
             except psutil.Error:
                 pass
-        return procs
+        return {pid: p for pid, p in procs.items() if _alive(p)}  # the head's `ray start` stays a zombie
 
     def _signal_all(self, sig: int) -> int:
         procs = self._all_processes()
@@ -594,3 +605,41 @@ class LocalCluster:
             shutil.rmtree(self.temp_root, ignore_errors=True)
             shutil.rmtree(self.base_dir, ignore_errors=True)
         atexit.unregister(self.stop)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """`python -m tests.multinode list` shows LocalClusters with live processes on this machine;
+    `python -m tests.multinode stop TAG` kills what a crashed test session left of one (by pid)."""
+    if argv[:1] == ["list"]:
+        tags: dict[str, int] = {}
+        for p in psutil.process_iter():
+            try:
+                tag = p.environ().get(TAG_ENV)
+            except psutil.Error:
+                continue
+            if tag:
+                tags[tag] = tags.get(tag, 0) + 1
+        for tag, n in sorted(tags.items()):
+            print(f"{tag}\t{n} processes")
+        return 0
+    if len(argv) == 2 and argv[0] == "stop" and argv[1].startswith("emn-"):
+        tag = argv[1]
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
+            procs = tagged_processes(tag)
+            for p in procs:
+                try:
+                    p.send_signal(sig)
+                except psutil.Error:
+                    pass
+            psutil.wait_procs(procs, timeout=wait)
+        shutil.rmtree(f"/tmp/{tag}", ignore_errors=True)  # the head's temp dir; workers' died with their tmpfs
+        shutil.rmtree(f"/var/tmp/endorl-{tag}", ignore_errors=True)  # the default base_dir
+        left = tagged_processes(tag)
+        print(f"{tag}: {len(left)} processes left")
+        return 1 if left else 0
+    print(_main.__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
