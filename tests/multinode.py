@@ -24,7 +24,7 @@ cluster's tag. It never uses `ray stop` (which kills every Ray on the machine, t
 crashed test session: `python -m tests.multinode list`, then `python -m tests.multinode stop emn-...`.
 
     with LocalCluster(workers=[NodeSpec(1, {"endorl_engine": 10}), NodeSpec(1)]) as cluster:
-        status, logs = cluster.submit("python -m jobs.score ...", {"working_dir": REPO_ROOT, "excludes": [...]})
+        status, logs = cluster.submit("python -m jobs.score ...", {"working_dir": str(REPO_ROOT), "excludes": [...]})
 """
 from __future__ import annotations
 
