@@ -82,3 +82,39 @@ def s3_server():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+# ---------------------------------------------------------------- a real multi-node Ray cluster (tests/multinode.py)
+
+# What worker nodes must not see besides /tmp and ~/.cache: the checkout (jobs get it as an uploaded working_dir)
+# and the preference data next to it. The Python installation stays visible even when it lies inside these.
+MULTINODE_HIDDEN = [p for p in (Path(__file__).resolve().parents[1], SHARED_DATA) if p.is_dir()]
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster_factory():
+    """make(workers=[NodeSpec(num_cpus, {"endorl_engine": 10}), ...], head=NodeSpec()) -> a running LocalCluster.
+
+    A cluster is started once a session per distinct (head, workers) spec and shared by every test asking for
+    it; a stopped one is started again. All are stopped at the end of the session (by their own pids)."""
+    from tests.multinode import LocalCluster, NodeSpec
+
+    clusters: dict = {}
+
+    def make(workers=(NodeSpec(), NodeSpec()), head=NodeSpec()) -> LocalCluster:
+        key = (head.key(), tuple(w.key() for w in workers))
+        cluster = clusters.get(key)
+        if cluster is None or not cluster.running:
+            cluster = LocalCluster(workers=workers, head=head, hide_paths=MULTINODE_HIDDEN).start()
+            clusters[key] = cluster
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in cluster.startup_phases.items())
+            print(f"\n[multinode] cluster {cluster.tag} up in {cluster.startup_s:.1f} s ({phases}): {cluster.node_ids}")
+        return cluster
+
+    yield make
+    for cluster in clusters.values():
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def multinode_cluster(multinode_cluster_factory):
+    """Head + 2 worker nodes, 1 CPU each, no custom resources; workers with private /tmp, ~/.cache, checkout."""
+    return multinode_cluster_factory()
