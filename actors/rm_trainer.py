@@ -8,7 +8,9 @@ model in a DeepSpeed engine) and what it does with it. The math lives in pipelin
     shard (shard_indices, deterministic in --seed); every rank runs the same number of steps.
   - each epoch: train, score the held-out pairs (after the last epoch also --eval_data), report the metrics
     with a checkpoint (every rank's DeepSpeed state + rank 0's reward model); a resumed run loads the newest.
-  - rank 0 writes the run log (metrics.jsonl, TensorBoard) to the run's storage.
+  - the model: every worker resolves --model.name on its own node (a bundled model is converted there, once per
+    node); nothing of the driver's disk is used. Checkpoints go to the run's storage through Ray Train, and
+    rank 0 writes the run log (metrics.jsonl, TensorBoard) there (pipeline/runlog.py).
 
 `cfg` is jobs.train_rm's RMTrainConfig (seed, storage, model, rm, train).
 """
@@ -29,28 +31,30 @@ from transformers import AutoModel
 
 from actors.learner import BACKENDS, deepspeed_config
 from pipeline.config import to_yaml
-from pipeline.models import check_device, load_tokenizer
+from pipeline.models import check_device, load_tokenizer, resolve_model
 from pipeline.policy import LearnerConfig
 from pipeline.rm_training import (HELDOUT, EncodedPairs, accuracy_by_subset, encode_pairs, epoch_steps, pair_loss,
                                   score_examples, shard_indices)
 from pipeline.runlog import RunLog
 from pipeline.sentence_rm import add_boundary_token, build_reward_model, save_reward_model
 
+TRAIN_STATE = "train_state.json"  # in every epoch checkpoint: {epoch, step, world_size}
+
 
 def train_worker(config: dict) -> None:
     """The Ray Train loop of one worker: resume, train epochs, evaluate, checkpoint and report each epoch."""
     cfg = config["cfg"]
-    worker = RMWorker(cfg, config["model_path"], config["max_length"])
+    worker = RMWorker(cfg, config["max_length"])
     train_table, heldout, evals = ray.get([config["train"], config["heldout"], config["eval"]])
     train = worker.encode(train_table, shard_indices(train_table.num_rows, worker.world, worker.rank, cfg.seed))
     start_epoch, step = worker.resume(ray.train.get_checkpoint())
-    log = RunLog(cfg.output, to_yaml(cfg), resume_step=step) if worker.rank == 0 else None
+    log = RunLog(cfg.storage, to_yaml(cfg), resume_step=step) if worker.rank == 0 else None
     extras = {"trained_pairs": len(train) * worker.world, "worker_start_s": worker.start_s,
               "truncated_train": int(worker.sum_over_workers([train.truncated])[0])}
     for epoch in range(start_epoch, cfg.train.epochs):
         step, train_metrics = worker.train_epoch(train, epoch, step, log)
         # held-out pairs every epoch; after the last epoch also every --eval_data set (the weights that become
-        # output/final), reported with the last checkpoint: Ray Train hands the driver a checkpoint's metrics
+        # final/), reported with the last checkpoint: Ray Train hands the driver a checkpoint's metrics
         last = epoch == cfg.train.epochs - 1
         evaluation = worker.evaluate(pa.concat_tables([heldout, evals]) if last else heldout)
         metrics = {"epoch": epoch + 1, "step": step, **train_metrics}
@@ -70,7 +74,7 @@ def train_worker(config: dict) -> None:
 class RMWorker:
     """One data-parallel rank: tokenizer, reward model in a DeepSpeed engine, and what it does with them."""
 
-    def __init__(self, cfg, model_path: str, max_length: int):
+    def __init__(self, cfg, max_length: int):
         started = time.perf_counter()
         os.environ.setdefault("DS_ACCELERATOR", cfg.model.device)  # read when deepspeed is first imported
         import deepspeed
@@ -82,6 +86,7 @@ class RMWorker:
         deepspeed.init_distributed(dist_backend=BACKENDS[cfg.model.device])  # adopts Ray Train's process group
 
         # backbone (+ the <END> marker for the sentence RM) -> reward model -> DeepSpeed engine
+        model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)  # on this node; bundled: converted once
         self.tokenizer = load_tokenizer(model_path)
         backbone = AutoModel.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
         self.boundary_id = add_boundary_token(self.tokenizer, backbone) if cfg.rm.kind == "sentence" else None
@@ -114,7 +119,7 @@ class RMWorker:
             return 0, 0
         with checkpoint.as_directory() as directory:
             self.engine.load_checkpoint(os.path.join(directory, "deepspeed"), load_optimizer_states=True)
-            with open(os.path.join(directory, "train_state.json")) as fh:
+            with open(os.path.join(directory, TRAIN_STATE)) as fh:
                 state = json.load(fh)
         print(f"[rank {self.rank}] resumed from {checkpoint.path}: "
               f"{state['epoch']} epoch(s), {state['step']} steps done")
@@ -191,7 +196,7 @@ class RMWorker:
                 if self.rank == 0:
                     save_reward_model(module, self.tokenizer, os.path.join(directory, "reward_model"), self.cfg.rm)
             if self.rank == 0:
-                with open(os.path.join(directory, "train_state.json"), "w") as fh:
+                with open(os.path.join(directory, TRAIN_STATE), "w") as fh:
                     json.dump({"epoch": epoch, "step": metrics["step"], "world_size": self.world}, fh)
                 with open(os.path.join(directory, "config.yaml"), "w") as fh:
                     fh.write(to_yaml(self.cfg))

@@ -1,27 +1,29 @@
 """Train a reward model (sentence-level, or the response / token baselines) on preference pairs, on Ray Train.
 
     python -m jobs.train_rm --data ../shared/data/hh_harmless_base_test.jsonl --rm.kind sentence
-    ray job submit --working-dir . -- python -m jobs.train_rm --data DATA --train.workers 4 --model.device cuda
+    ray job submit --working-dir . -- python -m jobs.train_rm --data DATA --model.device cuda --storage s3://BUCKET/rm
 
-The pairs are split into train and held-out (deterministic in --seed). Ray Train's TorchTrainer starts
---train.workers workers (actors/rm_trainer.py); each builds the backbone + reward model (pipeline/sentence_rm.py), wraps it in a DeepSpeed
-engine (ZeRO --train.zero_stage, gloo on cpu / nccl on cuda, from --model.device), and trains its own shard of the
-train pairs with the Bradley-Terry loss. After every epoch the workers score the held-out pairs and report the
-accuracy with a checkpoint (DeepSpeed state + the reward model in save_reward_model format); --resume continues
-from the newest one. After the last epoch they also score every --eval_data set; the driver copies the last
-checkpoint's reward model to output/final and writes the accuracy table.
+The pairs are read on the driver (--data and --eval_data are paths of the driver's machine) and shipped to the
+workers through the object store, split into train and held-out (deterministic in --seed). Ray Train's
+TorchTrainer starts --train.workers workers (actors/rm_trainer.py); each resolves the model on its own node,
+builds the backbone + reward model (pipeline/sentence_rm.py), wraps it in a DeepSpeed engine (ZeRO
+--train.zero_stage, gloo on cpu / nccl on cuda, from --model.device), and trains its own shard of the train pairs
+with the Bradley-Terry loss. After every epoch the workers score the held-out pairs and report the accuracy with
+a checkpoint (DeepSpeed state + the reward model in save_reward_model format); --resume continues from the newest
+one. After the last epoch they also score every --eval_data set; the driver copies the last checkpoint's reward
+model to final/ and writes the accuracy table.
 
-Writes under --output: final/ (load_reward_model(output/final)), results.json, results.md, heldout_pairs.jsonl
-(the held-out pairs, for other evaluations), tensorboard/, metrics.jsonl, config.yaml, checkpoints/ (Ray Train).
-On a multi-node cluster --output must be shared storage (Ray Train keeps its checkpoints there).
+Writes to --storage: final/ (load_reward_model; jobs.rlhf --sentence_rm STORAGE/final), results.json, results.md,
+heldout_pairs.jsonl (the held-out pairs, for other evaluations), tensorboard/, metrics.jsonl, config.yaml,
+checkpoints/ (Ray Train's). A local folder in local mode; on a cluster an absolute path that every node mounts,
+or s3:// / gs:// (pipeline/storage.py): the workers write their checkpoints there and --resume reads them there.
 """
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
-import shutil
+import re
 import time
 from typing import Literal
 
@@ -31,9 +33,9 @@ from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig
 
-from actors.cluster import RayConfig, init_ray, worker_env
+from actors.cluster import RayConfig, check_driver_device, init_ray, is_local, worker_env
 from actors.learner import BACKENDS
-from actors.rm_trainer import train_worker
+from actors.rm_trainer import TRAIN_STATE, train_worker
 from pipeline.config import opt, parse_config, to_dict, to_yaml
 from pipeline.data import load_preference_data, split_prompts
 from pipeline.evaluation import markdown_table
@@ -41,9 +43,10 @@ from pipeline.models import ModelConfig, open_model
 from pipeline.rm_training import HELDOUT
 from pipeline.segment import SPLITTERS
 from pipeline.sentence_rm import RewardModelConfig
+from pipeline.storage import Storage, check_location
 
 KINDS = ("sentence", "response", "token")
-RUN_NAME = "checkpoints"  # Ray Train run folder under --output
+RUN_NAME = "checkpoints"  # Ray Train's run folder in --storage: its epoch checkpoints
 
 
 @dataclasses.dataclass
@@ -71,8 +74,10 @@ class RMTrainConfig:
     max_pairs: int = opt(0, "train on the first N training pairs only (0 = all)")
     eval_data: str = opt("", "extra evaluation sets, comma-separated (e.g. LLMBar .json files); one subset each")
     seed: int = opt(0, "seed of the split, the shards, the batch order and the head initialisation")
-    output: str = opt("runs/train_rm", "run folder (see the module docstring)")
-    resume: bool = opt(False, "continue from the newest checkpoint in --output")
+    storage: str = opt("runs/train_rm", "the run's folder: final/, results.json, checkpoints/ (every worker writes "
+                                        "its shard here) ... (see the module docstring). A local folder in local "
+                                        "mode; on a cluster an absolute path every node mounts, or s3:// / gs://")
+    resume: bool = opt(False, "continue from the newest checkpoint in --storage")
     keep_checkpoints: int = opt(2, "epoch checkpoints kept (0 = all)")
     model: ModelConfig = opt(factory=ModelConfig)
     rm: RewardModelConfig = opt(factory=RewardModelConfig)
@@ -83,7 +88,8 @@ class RMTrainConfig:
 # ================================================================ driver: checks, data, the trainer
 
 def check_config(cfg: RMTrainConfig) -> None:
-    """Every refusal that needs no data and no model, naming the flag and the fix."""
+    """Every refusal that needs no data and no model, naming the flag and the fix. In local mode this machine is
+    the cluster, so a cuda request without a GPU stops here; on a cluster Ray Train waits for GPU nodes instead."""
     t = cfg.train
     problems = [
         (not cfg.data, "--data is required: a preference-pairs file or folder (see --help)."),
@@ -108,6 +114,11 @@ def check_config(cfg: RMTrainConfig) -> None:
     for failed, message in problems:
         if failed:
             raise SystemExit(message)
+    try:
+        check_location(cfg.storage, "--storage", cluster=not is_local(cfg.ray))
+    except ValueError as e:
+        raise SystemExit(str(e))
+    check_driver_device(cfg.ray, cfg.model.device)
 
 
 def load_pairs(source: str, fmt: str, flag: str) -> pa.Table:
@@ -129,46 +140,43 @@ def with_subset(pairs: pa.Table, subset: str) -> pa.Table:
                             pa.array([subset] * pairs.num_rows, pa.string()))
 
 
-def write_pairs_jsonl(pairs: pa.Table, path: str) -> None:
+def pairs_jsonl(pairs: pa.Table) -> str:
     """A pairs file that load_preference_data reads back (format pairs), e.g. for jobs.eval_rewards."""
-    with open(path, "w") as fh:
-        for row in pairs.to_pylist():
-            fh.write(json.dumps(row) + "\n")
+    return "".join(json.dumps(row) + "\n" for row in pairs.to_pylist())
 
 
-def existing_checkpoints(output: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(output, RUN_NAME, "epoch_*", "train_state.json")))
+def epochs_done(storage: Storage) -> int | None:
+    """Epochs trained by the newest epoch checkpoint in the run's storage; None when it holds none."""
+    found = {int(name[len("epoch_"):]): f"{RUN_NAME}/{name}/{TRAIN_STATE}" for name in storage.listdir(RUN_NAME)
+             if re.fullmatch(r"epoch_\d+", name) and storage.exists(f"{RUN_NAME}/{name}/{TRAIN_STATE}")}
+    if not found:
+        return None
+    return json.loads(storage.read_text(found[max(found)]))["epoch"]
 
 
-def check_gpus(cfg: RMTrainConfig) -> None:
-    """With --model.device cuda, the cluster must list a GPU per worker (checked before any worker starts)."""
-    if cfg.model.device != "cuda":
-        return
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if gpus < cfg.train.workers:
-        raise SystemExit(f"--model.device cuda needs {cfg.train.workers} GPUs (one per --train.workers), but the Ray "
-                         f"cluster has {gpus:g}. Fix: --model.device cpu (local debug mode), fewer --train.workers, "
-                         f"or a cluster with GPU nodes.")
+def check_run_folder(cfg: RMTrainConfig, storage: Storage) -> None:
+    """--resume needs a checkpoint with epochs left to train; a fresh run needs a folder without one."""
+    where = storage.location_of(RUN_NAME)
+    if cfg.resume:
+        done = epochs_done(storage)
+        if done is None:
+            raise SystemExit(f"--resume: no checkpoint under {where}. Fix: drop --resume or fix --storage.")
+        if done >= cfg.train.epochs:
+            raise SystemExit(f"--resume: the run in {storage.location} already trained {done} epoch(s) and "
+                             f"--train.epochs is {cfg.train.epochs}: nothing to do. Fix: raise --train.epochs (its "
+                             f"final model is in {storage.location_of('final')}).")
+    elif storage.exists(RUN_NAME):
+        raise SystemExit(f"{where} holds checkpoints of an earlier run. Fix: --resume to continue it, "
+                         f"another --storage, or delete that folder.")
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(RMTrainConfig, argv, __doc__)
     check_config(cfg)
     print(to_yaml(cfg))
-    output = cfg.output = os.path.abspath(cfg.output)  # workers and Ray Train's storage need an absolute path
-    if cfg.resume:
-        checkpoints = existing_checkpoints(output)
-        if not checkpoints:
-            raise SystemExit(f"--resume: no checkpoint under {output}/{RUN_NAME}. Fix: drop --resume or fix --output.")
-        with open(checkpoints[-1]) as fh:
-            done = json.load(fh)["epoch"]
-        if done >= cfg.train.epochs:
-            raise SystemExit(f"--resume: the run in {output} already trained {done} epoch(s) and --train.epochs is "
-                             f"{cfg.train.epochs}: nothing to do. Fix: raise --train.epochs (its final model is in "
-                             f"{output}/final).")
-    if not cfg.resume and os.path.isdir(os.path.join(output, RUN_NAME)):
-        raise SystemExit(f"{output}/{RUN_NAME} holds checkpoints of an earlier run. Fix: --resume to continue it, "
-                         f"another --output, or delete that folder.")
+    storage = Storage(cfg.storage)
+    cfg.storage = storage.location  # a local folder made absolute: the workers and Ray Train get the same one
+    check_run_folder(cfg, storage)
 
     pairs = load_pairs(cfg.data, cfg.format, "--data")
     train, heldout = split_prompts(pairs, cfg.heldout_fraction, cfg.seed)
@@ -183,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("nothing to evaluate on: no held-out pairs and no --eval_data. "
                          "Fix: --heldout_fraction 0.1, or --eval_data FILE.")
 
-    model_path, _, window = open_model(cfg.model)  # fails here, not in every worker, without a tokenizer
+    # the driver opens the model for its checks only; every worker resolves it again on its own node
+    model_path, _, window = open_model(cfg.model)
     layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
     if cfg.rm.freeze_layers > layers:
         raise SystemExit(f"--rm.freeze_layers {cfg.rm.freeze_layers} is more than the {layers} "
@@ -191,42 +200,45 @@ def main(argv: list[str] | None = None) -> dict:
     max_length = cfg.train.max_length or window
 
     init_ray(cfg.ray, cfg.model.device)
-    check_gpus(cfg)
-    os.makedirs(output, exist_ok=True)
-    with open(os.path.join(output, "config.yaml"), "w") as fh:
-        fh.write(to_yaml(cfg))
-    write_pairs_jsonl(heldout, os.path.join(output, "heldout_pairs.jsonl"))
+    storage.write_text("config.yaml", to_yaml(cfg))
+    storage.write_text("heldout_pairs.jsonl", pairs_jsonl(heldout))
     print(f"{pairs.num_rows} pairs: {train.num_rows} train, {heldout.num_rows} held out; "
           f"{sum(t.num_rows for t in evals)} in --eval_data; max_length {max_length}")
 
     started = time.perf_counter()
-    result = fit(cfg, model_path, max_length, train, heldout, pa.concat_tables(evals) if evals else heldout.slice(0, 0))
-    return finish(cfg, result, time.perf_counter() - started)
+    result = fit(cfg, storage, max_length, train, heldout, pa.concat_tables(evals) if evals else heldout.slice(0, 0))
+    return finish(cfg, storage, result, time.perf_counter() - started)
 
 
-def fit(cfg: RMTrainConfig, model_path: str, max_length: int, train: pa.Table, heldout: pa.Table, evals: pa.Table):
-    """Run train_worker on cfg.train.workers Ray Train workers; returns Ray Train's Result."""
-    device = cfg.model.device
+def fit(cfg: RMTrainConfig, storage: Storage, max_length: int, train: pa.Table, heldout: pa.Table,
+        evals: pa.Table):
+    """Run train_worker on cfg.train.workers Ray Train workers, checkpoints in the run's storage; returns Ray
+    Train's Result. On a cluster without room for the workers Ray Train waits (and retries) until there is."""
+    device, t = cfg.model.device, cfg.train
+    if not is_local(cfg.ray):
+        print(f"waiting for {t.workers} Ray Train worker(s) of {t.cpus_per_worker:g} CPU"
+              + (" + 1 GPU" if device == "cuda" else "") + " each; an autoscaling cluster adds nodes for them",
+              flush=True)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"cfg": cfg, "model_path": model_path, "max_length": max_length,
+        train_loop_config={"cfg": cfg, "max_length": max_length,
                            "train": ray.put(train), "heldout": ray.put(heldout), "eval": ray.put(evals)},
         torch_config=TorchConfig(backend=BACKENDS[device]),
-        scaling_config=ScalingConfig(num_workers=cfg.train.workers, use_gpu=device == "cuda",
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=cfg.output,
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=device == "cuda",
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=storage.root, storage_filesystem=storage.fs,
                              worker_runtime_env={"env_vars": worker_env(cfg.ray, device)},
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints or None)),
     )
     return trainer.fit()
 
 
-def finish(cfg: RMTrainConfig, result, fit_s: float) -> dict:
-    """output/final from the last checkpoint, results.json and results.md from the workers' final report."""
-    final = os.path.join(cfg.output, "final")
-    shutil.rmtree(final, ignore_errors=True)
-    with result.checkpoint.as_directory() as directory:
-        shutil.copytree(os.path.join(directory, "reward_model"), final)
+def finish(cfg: RMTrainConfig, storage: Storage, result, fit_s: float) -> dict:
+    """final/ from the last checkpoint, results.json and results.md from the workers' final report."""
+    storage.delete_dir("final")
+    with result.checkpoint.as_directory() as directory:  # a download when the checkpoint is on object storage
+        storage.upload(os.path.join(directory, "reward_model"), "final")
+    final = storage.location_of("final")
     metrics = result.metrics
     source = f"{cfg.rm.kind} RM"
     report = {"data": cfg.data, "eval_data": cfg.eval_data, "kind": cfg.rm.kind, "model": cfg.model.name,
@@ -234,18 +246,17 @@ def finish(cfg: RMTrainConfig, result, fit_s: float) -> dict:
               "truncated_sides": {"train": metrics["truncated_train"], "eval": metrics["truncated_eval"]},
               "trained_pairs": metrics["trained_pairs"], "epochs": metrics["epoch"], "steps": metrics["step"],
               "fit_s": fit_s, "worker_start_s": metrics["worker_start_s"], "final": final, "config": to_dict(cfg)}
-    with open(os.path.join(cfg.output, "results.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
+    storage.write_text("results.json", json.dumps(report, indent=2))
     markdown = markdown_table(report["accuracy"], metrics["counts"])
-    with open(os.path.join(cfg.output, "results.md"), "w") as fh:
-        fh.write(f"Pairwise accuracy (%) of a {cfg.rm.kind}-level RM on `{cfg.model.name}` trained on "
-                 f"{metrics['trained_pairs']} pairs of `{cfg.data}` for {metrics['epoch']} epoch(s); "
-                 f"sides longer than {cfg.train.max_length or 'the window'} tokens were cut: "
-                 f"{metrics['truncated_train']} training, {metrics['truncated_eval']} evaluation.\n\n"
-                 f"{markdown}\n")
+    storage.write_text("results.md",
+                       f"Pairwise accuracy (%) of a {cfg.rm.kind}-level RM on `{cfg.model.name}` trained on "
+                       f"{metrics['trained_pairs']} pairs of `{cfg.data}` for {metrics['epoch']} epoch(s); "
+                       f"sides longer than {cfg.train.max_length or 'the window'} tokens were cut: "
+                       f"{metrics['truncated_train']} training, {metrics['truncated_eval']} evaluation.\n\n"
+                       f"{markdown}\n")
     print(markdown)
-    print(f"wrote {final} (load_reward_model), {cfg.output}/results.json and results.md; "
-          f"tensorboard --logdir {cfg.output}/tensorboard")
+    print(f"wrote {final} (load_reward_model, or jobs.rlhf --sentence_rm), results.json and results.md in "
+          f"{storage.location}; tensorboard --logdir {storage.location_of('tensorboard')}")
     return report
 
 
