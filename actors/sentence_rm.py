@@ -33,7 +33,7 @@ class SentenceRMScorer:
         storage = Storage(rm_path)
         if not storage.exists(CONFIG_FILE):
             raise FileNotFoundError(f"no trained reward model at {rm_path!r} as seen from node {socket.gethostname()} "
-                                    f"(pid {os.getpid()}): it has no {CONFIG_FILE}. Fix: jobs.train_rm's output/final "
+                                    f"(pid {os.getpid()}): it has no {CONFIG_FILE}. Fix: jobs.train_rm's STORAGE/final "
                                     f"folder, on storage every node mounts, or its s3:// / gs:// URI.")
         with storage.readable_dir("") as folder:
             self.model, self.tokenizer, config = load_reward_model(folder, device=device)

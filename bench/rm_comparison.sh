@@ -65,7 +65,7 @@ for seed in $SEEDS; do
             --seed "$seed" --heldout_fraction 0.1 --max_pairs "$MAX_PAIRS" --rm.freeze_layers "$FREEZE" \
             --train.max_length "$MAX_LENGTH" --train.lr "$LR" --train.epochs 1 --train.batch_size 4 \
             --train.grad_accum 1 --train.workers 2 --train.zero_stage 2 --train.dtype "$DTYPE" \
-            --eval_data "$EVAL_DATA" --output "$OUT/seed$seed/$kind" --ray.address local $EXTRA
+            --eval_data "$EVAL_DATA" --storage "$OUT/seed$seed/$kind" --ray.address local $EXTRA
     done
     # this seed's held-out pairs, as train_rm wrote them (the split depends only on DATA and the seed)
     run "seed$seed/endogenous" "$PYTHON" -m jobs.eval_rewards --judge false \

@@ -24,6 +24,8 @@ from pipeline.evaluation import accuracy_table
 from pipeline.segment import tokenize_with_offsets
 from pipeline.sentence_rm import bradley_terry_loss, build_rm_input, collate_rm_inputs
 
+HELDOUT = "heldout"  # the subset name of the held-out pairs in every table
+
 
 @dataclasses.dataclass
 class EncodedPairs:

@@ -50,6 +50,13 @@ class Storage:
     def path(self, relative: str = "") -> str:
         return f"{self.root.rstrip('/')}/{relative}".rstrip("/") if relative else self.root
 
+    def location_of(self, relative: str) -> str:
+        """`relative` as a location another job or Storage can open: a path, or a URI with this one's query."""
+        if not is_uri(self.location):
+            return self.path(relative)
+        base, _, query = self.location.partition("?")
+        return f"{base.rstrip('/')}/{relative}" + (f"?{query}" if query else "")
+
     def exists(self, relative: str) -> bool:
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
 
@@ -75,6 +82,11 @@ class Storage:
         with self.fs.open_output_stream(staging) as fh:
             fh.write(data)
         self.fs.move(staging, final)
+
+    def delete_dir(self, relative: str) -> None:
+        """Remove a folder and everything in it; nothing happens if it does not exist."""
+        if self.exists(relative):
+            self.fs.delete_dir(self.path(relative))
 
     def upload(self, local_dir: str, relative: str) -> None:
         self.fs.create_dir(self.path(relative), recursive=True)

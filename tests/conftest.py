@@ -30,8 +30,9 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_ray():
-    """One embedded Ray for the whole session; stopped by this process, never by `ray stop`."""
+def local_ray(s3_server):
+    """One embedded Ray for the whole session; stopped by this process, never by `ray stop`. It starts after the
+    S3 test server, so every Ray process finds that server's credentials in its environment, as a cloud node does."""
     import ray
 
     from actors.cluster import RayConfig, init_ray

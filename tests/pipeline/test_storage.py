@@ -34,6 +34,14 @@ def test_folders_written_and_read_through_a_local_directory(storage, tmp_path):
             assert fh.read() == b"\x00\x01"
 
 
+def test_a_subfolder_opens_as_its_own_storage_and_a_folder_deletes(storage):
+    storage.write_text("final/model.yaml", "kind: sentence")
+    assert Storage(storage.location_of("final")).read_text("model.yaml") == "kind: sentence"  # the query is kept
+    storage.delete_dir("final")
+    storage.delete_dir("final")  # already gone: nothing happens
+    assert not storage.exists("final/model.yaml") and storage.listdir("") == []
+
+
 def test_a_failed_block_uploads_nothing(s3_server):
     make_uri, _ = s3_server
     storage = Storage(make_uri("failed/run"))
