@@ -29,12 +29,14 @@ from typing import Literal
 
 import pyarrow as pa
 import ray
+from ray.util.placement_group import remove_placement_group
 from ray.train import CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from transformers import AutoConfig
 
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local, worker_env
 from actors.learner import BACKENDS
+from actors.placement import PlacementConfig, bundle, reserve
 from actors.rm_trainer import TRAIN_STATE, train_worker
 from pipeline.config import opt, parse_config, to_dict, to_yaml
 from pipeline.data import load_preference_data, split_prompts
@@ -82,6 +84,7 @@ class RMTrainConfig:
     model: ModelConfig = opt(factory=ModelConfig)
     rm: RewardModelConfig = opt(factory=RewardModelConfig)
     train: TrainConfig = opt(factory=TrainConfig)
+    placement: PlacementConfig = opt(factory=PlacementConfig)
     ray: RayConfig = opt(factory=RayConfig)
 
 
@@ -213,12 +216,14 @@ def main(argv: list[str] | None = None) -> dict:
 def fit(cfg: RMTrainConfig, storage: Storage, max_length: int, train: pa.Table, heldout: pa.Table,
         evals: pa.Table):
     """Run train_worker on cfg.train.workers Ray Train workers, checkpoints in the run's storage; returns Ray
-    Train's Result. On a cluster without room for the workers Ray Train waits (and retries) until there is."""
+    Train's Result. Ray Train itself would wait for room without end: the workers' room is reserved (and an
+    autoscaler asked for it) first, for at most --placement.timeout_s."""
     device, t = cfg.model.device, cfg.train
-    if not is_local(cfg.ray):
-        print(f"waiting for {t.workers} Ray Train worker(s) of {t.cpus_per_worker:g} CPU"
-              + (" + 1 GPU" if device == "cuda" else "") + " each; an autoscaling cluster adds nodes for them",
-              flush=True)
+    try:
+        remove_placement_group(reserve("reward-model trainers", [bundle(t.cpus_per_worker, 1 if device == "cuda" else 0)]
+                                       * t.workers, "PACK", cfg.placement))  # as Ray Train places them
+    except RuntimeError as e:
+        raise SystemExit(f"could not place the Ray Train workers: {e}")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"cfg": cfg, "max_length": max_length,

@@ -92,7 +92,8 @@ def test_score_converts_the_bundled_model_on_the_node_that_loads_it(cluster, tmp
     assert result.status == "SUCCEEDED", result.output[-6000:]
     scored = pq.read_table(output).to_pylist()
     assert [row["response"] for row in scored] == ["4.", "Blue."]
-    assert all(row["reward"] < 0 and len(row["token_rewards"]) >= 2 for row in scored)
+    for row in scored:  # R = sum of the token rewards, one per response token (EOS included)
+        assert len(row["token_rewards"]) >= 2 and row["reward"] == pytest.approx(sum(row["token_rewards"]), abs=1e-3)
 
 
 def test_a_relative_storage_is_refused_under_a_submitted_job(cluster, shared_model):
@@ -110,3 +111,25 @@ def test_cuda_without_gpu_nodes_and_a_rank_too_big_fail_after_the_wait(cluster, 
                                        "--placement.timeout_s", "5"), timeout_s=300)
     assert big.status == "FAILED"
     assert "No node of the cluster has room for even one of them" in big.output and "policy learners" in big.output
+
+
+def test_train_rm_trains_onto_object_storage_from_the_workers(cluster, shared_model, s3_server, tmp_path):
+    from pipeline.storage import Storage
+    from tests.multinode import DEFAULT_EXCLUDES, REPO_ROOT
+
+    make_uri, credentials = s3_server  # moto's S3 API on 127.0.0.1; nodes get credentials as a cloud node would
+    pairs = tmp_path / "pairs.jsonl"  # on the driver's disk only: read there and shipped to the workers
+    pairs.write_text("".join(json.dumps({"prompt": f"Say something about item {i}.", "chosen": f"Item {i} is fine.",
+                                         "rejected": "No."}) + "\n" for i in range(12)))
+    storage = make_uri("cluster/train_rm")
+    result = cluster.submit(
+        f"python -m jobs.train_rm --data {pairs} --model.name {shared_model} --storage '{storage}' --rm.kind sentence "
+        f"--rm.attn_dim 16 --train.workers 2 --train.batch_size 2 --train.max_length 64 --heldout_fraction 0.25 "
+        f"--placement.timeout_s 120",
+        {"working_dir": str(REPO_ROOT), "excludes": list(DEFAULT_EXCLUDES), "env_vars": dict(credentials)},
+        timeout_s=900)
+    assert result.status == "SUCCEEDED", result.logs[-6000:]
+    run = Storage(storage)
+    report = json.loads(run.read_text("results.json"))
+    assert report["epochs"] == 1 and report["counts"]["heldout"] == 3
+    assert run.exists("final/reward_model.yaml") and run.exists("metrics.jsonl")
