@@ -111,3 +111,24 @@ def test_dashboard_is_not_exposed(cluster):
     head_start = " ".join(cluster["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     assert cluster["provider"]["security_group"]["IpPermissions"] == []  # Ray's defaults: SSH + intra-cluster only
+
+
+def test_the_gpu_run_config_fits_the_node_types(cluster):
+    """configs/gpu.yaml, the README's cluster run: every actor's request fits one worker type (a request that fits
+    no node type would wait for nodes the autoscaler can never add), and the ranks of a group fit one node (PACK)."""
+    from actors.placement import bundle, fits, gpus_for
+    from jobs.rlhf import RLConfig
+    from pipeline.config import parse_config
+
+    cfg = parse_config(RLConfig, ["--config", str(REPO / "configs" / "gpu.yaml")])
+    device = cfg.model.device
+    assert device == "cuda" and not cfg.local
+    nodes = [spec["resources"] for spec in worker_types(cluster).values()]
+    engine = bundle(cfg.rollout.cpus_per_engine, gpus_for(device, cfg.rollout.gpus_per_engine), cfg.rollout.resources)
+    rank = bundle(cfg.learner.cpus_per_rank, gpus_for(device, cfg.learner.gpus_per_rank), cfg.learner.resources)
+    scorer = bundle(cfg.scorer_cpus, gpus_for(device, cfg.scorer_gpus), cfg.scorer_resources)
+    for request in (engine, rank, scorer):
+        assert request["GPU"] >= 1 and any(fits(request, node) for node in nodes), request
+    all_ranks = {name: amount * cfg.learner.ranks for name, amount in rank.items()}
+    assert any(fits(all_ranks, node) for node in nodes), all_ranks
+    assert cfg.placement.timeout_s >= 600  # a cold GPU node boots and installs for minutes
