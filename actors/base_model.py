@@ -11,7 +11,7 @@ import math
 import pyarrow as pa
 import ray
 
-from actors.placement import gpus_for, node_resources
+from actors.placement import PlacementConfig, bundle, gpus_for, node_resources, wait_for_room
 from pipeline.arrow import SCORED_FIELDS, numpy_to_ragged, ragged_to_numpy
 from pipeline.config import opt
 from pipeline.endogenous import EndoRewardConfig, score_endogenous
@@ -79,3 +79,13 @@ def map_with_actor_pool(table: pa.Table, scorer_cls: type, model_cfg: ModelConfi
         batch_size=scoring.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=scoring.replicas),
         num_cpus=cpus, num_gpus=gpus or None, resources=scoring.resources or None, udf_modifying_row_count=False)
     return dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def wait_for_replica_room(model_cfg: ModelConfig, scoring: ScoringConfig, placement: PlacementConfig) -> None:
+    """Ray Data waits for room for its actor pool without end: check first that one replica can be placed (an
+    autoscaler adds a node for it), and stop with the request named after placement.timeout_s."""
+    request = bundle(scoring.cpus_per_replica or 1, gpus_for(model_cfg.device, scoring.gpus_per_replica), scoring.resources)
+    try:
+        wait_for_room("scoring replicas", request, placement)
+    except RuntimeError as e:
+        raise SystemExit(f"could not place a scoring replica: {e}") from None

@@ -16,9 +16,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from actors.base_model import EndogenousScorer, JudgeScorer, ScoringConfig, map_with_actor_pool
+from actors.base_model import (EndogenousScorer, JudgeScorer, ScoringConfig, map_with_actor_pool,
+                               wait_for_replica_room)
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
-from actors.placement import PlacementConfig, bundle, gpus_for, wait_for_room
+from actors.placement import PlacementConfig
 from pipeline.arrow import request_table
 from pipeline.chat import encode_prompt, encode_response, fit_to_window
 from pipeline.config import opt, parse_config, to_dict, to_yaml
@@ -99,12 +100,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise SystemExit(f"--data: {e}")
 
     init_ray(cfg.ray, cfg.model.device)
-    try:
-        wait_for_room("scoring replicas", bundle(cfg.scoring.cpus_per_replica or 1,
-                                                 gpus_for(cfg.model.device, cfg.scoring.gpus_per_replica),
-                                                 cfg.scoring.resources), cfg.placement)
-    except RuntimeError as e:
-        raise SystemExit(f"could not place a scoring replica: {e}")
+    wait_for_replica_room(cfg.model, cfg.scoring, cfg.placement)
     token_rewards = run_pool(requests, EndogenousScorer, cfg, "token_rewards", "endogenous reward")
     totals = np.array([np.sum(r, dtype=np.float64) for r in token_rewards])
     lengths = np.array([len(r) for r in token_rewards], dtype=np.float64)

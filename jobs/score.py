@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from actors.base_model import EndogenousScorer, ScoringConfig, map_with_actor_pool
+from actors.base_model import EndogenousScorer, ScoringConfig, map_with_actor_pool, wait_for_replica_room
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
-from actors.placement import PlacementConfig, bundle, gpus_for, wait_for_room
+from actors.placement import PlacementConfig
 from pipeline.arrow import request_table
 from pipeline.chat import encode_prompt, encode_response, fit_to_window
 from pipeline.config import opt, parse_config, to_yaml
@@ -104,12 +104,7 @@ def score_file(cfg: ScoreConfig) -> str:
         dropped.append(n_dropped)
     requests = request_table(prompt_ids, response_ids, [True] * len(prompt_ids), row_index=pa.array(range(len(rows))))
     init_ray(cfg.ray, cfg.base.device)
-    try:
-        wait_for_room("scoring replicas", bundle(cfg.scoring.cpus_per_replica or 1,
-                                                 gpus_for(cfg.base.device, cfg.scoring.gpus_per_replica),
-                                                 cfg.scoring.resources), cfg.placement)
-    except RuntimeError as e:
-        raise SystemExit(f"could not place a scoring replica: {e}")
+    wait_for_replica_room(cfg.base, cfg.scoring, cfg.placement)
     with tqdm(total=len(rows), desc="scoring", unit="row") as bar:
         for batch in map_with_actor_pool(requests, EndogenousScorer, cfg.base, cfg.reward, cfg.scoring):
             scored = [dict(rows[i], reward=reward, token_rewards=token_rewards, prompt_tokens_dropped=dropped[i])
