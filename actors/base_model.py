@@ -63,6 +63,13 @@ class JudgeScorer(EndogenousScorer):
 BaseModelActor = ray.remote(EndogenousScorer)
 
 
+def replica_cpus(scoring: ScoringConfig, nodes: list[dict[str, float]]) -> float:
+    """CPUs of one scoring replica: the configured number, else a share of the largest node. One replica must fit
+    one node: a share of the cluster's total fits none when no node is that big."""
+    largest = max((node.get("CPU", 0.0) for node in nodes), default=1.0)
+    return scoring.cpus_per_replica or max(1.0, largest // scoring.replicas)
+
+
 def map_with_actor_pool(table: pa.Table, scorer_cls: type, model_cfg: ModelConfig, reward_cfg: EndoRewardConfig,
                         scoring: ScoringConfig):
     """Stream `table` through an actor pool of `scorer_cls` with Ray Data; yields result batches in input order."""
@@ -70,9 +77,7 @@ def map_with_actor_pool(table: pa.Table, scorer_cls: type, model_cfg: ModelConfi
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # the job shows one tqdm bar over rows instead
     num_blocks = max(1, math.ceil(table.num_rows / scoring.batch_size))
-    # one replica must fit one node: a share of the largest node, never of the cluster's total
-    largest = max((node.get("CPU", 0.0) for node in node_resources()), default=1.0)
-    cpus = scoring.cpus_per_replica or max(1.0, largest // scoring.replicas)
+    cpus = replica_cpus(scoring, node_resources())
     gpus = gpus_for(model_cfg.device, scoring.gpus_per_replica)
     dataset = ray.data.from_arrow(table, override_num_blocks=num_blocks).map_batches(
         scorer_cls, fn_constructor_kwargs={"model_cfg": model_cfg, "reward_cfg": reward_cfg},

@@ -12,7 +12,6 @@ the newest complete checkpoint there.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Literal
 
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local

@@ -35,7 +35,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,8 @@ from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
 import psutil
+
+from tests.ray_processes import free_ports, kill, processes_with
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The README's excludes for `ray job submit --working-dir .` (gitignore-style patterns).
@@ -103,19 +104,6 @@ class _Node:
         return self.proc.pid  # start_new_session=True: the session id is the leader's pid
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))  # free on every interface: Ray binds some of these on all of them
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _is_under(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
@@ -130,16 +118,7 @@ def _alive(p: psutil.Process) -> bool:
 def tagged_processes(tag: str) -> list[psutil.Process]:
     """Live processes of the LocalCluster `tag`: the tag in their command line, cwd or environment (every node
     process and job driver inherits ENDORL_LOCAL_CLUSTER, even those whose command line Ray rewrites)."""
-    out = []
-    for p in psutil.process_iter():
-        try:
-            if p.pid == os.getpid() or p.status() == psutil.STATUS_ZOMBIE:
-                continue
-            if any(tag in arg for arg in p.cmdline()) or tag in p.cwd() or p.environ().get(TAG_ENV) == tag:
-                out.append(p)
-        except psutil.Error:  # gone, or not ours to read
-            pass
-    return out
+    return processes_with([tag])
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -278,7 +257,7 @@ class LocalCluster:
 
     def _start_head(self) -> None:
         node = self._new_node("head", self.head_spec)
-        gcs, dash, client = _free_ports(3)
+        gcs, dash, client = free_ports(3)
         self._ports = {"gcs": gcs, "dashboard": dash, "client": client}
         self._popen(node, [
             self._ray, "start", "--head", "--port", str(gcs), "--dashboard-port", str(dash),
@@ -624,14 +603,7 @@ def _main(argv: Sequence[str]) -> int:
         return 0
     if len(argv) == 2 and argv[0] == "stop" and argv[1].startswith("emn-"):
         tag = argv[1]
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 1.0)):
-            procs = tagged_processes(tag)
-            for p in procs:
-                try:
-                    p.send_signal(sig)
-                except psutil.Error:
-                    pass
-            psutil.wait_procs(procs, timeout=wait)
+        kill(tagged_processes(tag), grace_s=5.0)
         shutil.rmtree(f"/tmp/{tag}", ignore_errors=True)  # the head's temp dir; workers' died with their tmpfs
         shutil.rmtree(f"/var/tmp/endorl-{tag}", ignore_errors=True)  # the default base_dir
         left = tagged_processes(tag)

@@ -20,7 +20,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ import yaml
 from ray._private.services import get_node_ip_address
 from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID, FAKE_HEAD_NODE_TYPE
 from ray.autoscaler._private.util import validate_config
+
+from tests.ray_processes import free_ports, kill, processes_with
 
 REPO = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 200 * 1024 ** 2
@@ -79,31 +80,6 @@ def fake_autoscaling_config(cluster: dict, gcs_address: str) -> dict:
         "auth": {}, "docker": {}, "file_mounts": {}, "file_mounts_sync_continuously": False,
         **{key: [] for key in empty_lists},
     }
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def processes_with(markers: list[str]) -> list[int]:
-    """PIDs (not this process) whose command line or environment contains one of `markers`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            text = b"".join(Path(f"/proc/{entry}/{part}").read_bytes() for part in ("cmdline", "environ"))
-        except OSError:  # gone, or not ours to read
-            continue
-        if any(m.encode() in text for m in markers):
-            found.append(int(entry))
-    return found
 
 
 class FakeAutoscalingCluster:
@@ -198,15 +174,8 @@ class FakeAutoscalingCluster:
                 pass
             self.proc.wait()
         markers = [self.temp_dir, self.token]
-        for pid in processes_with(markers):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while processes_with(markers) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        return processes_with(markers)
+        kill(processes_with(markers), grace_s=0)
+        return [p.pid for p in processes_with(markers)]
 
 
 @pytest.fixture

@@ -117,7 +117,7 @@ def test_token_auth_is_on(multinode_cluster):
 def test_cluster_stays_small(multinode_cluster):
     """Three raylets with the head's dashboard: about 1.3 GB (PSS) here; idle workers left by jobs add a bit."""
     pss = multinode_cluster.memory_pss()
-    print(f"\n[multinode] memory (PSS): " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in pss.items()))
+    print("\n[multinode] memory (PSS): " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in pss.items()))
     assert set(pss) == {"head", *WORKERS} and all(v > 0 for v in pss.values())
     assert sum(pss.values()) < 2.5e9
 

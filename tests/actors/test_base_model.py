@@ -44,3 +44,15 @@ def test_cuda_request_without_gpu_fails_loudly(tiny_model_dir):
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="no CUDA GPU.*set the device option to 'cpu'"):
         EndogenousScorer(ModelConfig(name=tiny_model_dir, device="cuda"), EndoRewardConfig())
+
+
+def test_a_replica_asks_for_a_share_of_one_node_not_of_the_cluster():
+    # regression: replicas asked for (cluster CPUs // replicas): 3 nodes of 4 CPUs gave 12 CPUs for one replica,
+    # which no node has, and the pool never started
+    from actors.base_model import ScoringConfig, replica_cpus
+
+    nodes = [{"CPU": 0.0}, {"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 4.0}]  # a head that hosts no work, three workers
+    assert replica_cpus(ScoringConfig(replicas=1), nodes) == 4.0
+    assert replica_cpus(ScoringConfig(replicas=3), nodes) == 1.0
+    assert replica_cpus(ScoringConfig(replicas=8), nodes) == 1.0  # never below one CPU
+    assert replica_cpus(ScoringConfig(replicas=1, cpus_per_replica=2), nodes) == 2.0  # config wins
