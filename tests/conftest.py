@@ -1,10 +1,17 @@
 """Shared fixtures: the real bundled model, a tiny random model with the real tokenizer, embedded Ray."""
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+# Credentials of the S3 test server (s3_server), in the environment before any Ray starts so that every Ray
+# process has them, as a cloud node has its own; they open nothing but that server on 127.0.0.1.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
+os.environ.update(S3_CREDENTIALS)  # never a developer's real ones: nothing here may reach a real cloud
 
 from pipeline.models import build_tiny_model, resolve_model  # noqa: E402
 
@@ -30,9 +37,8 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def local_ray(s3_server):
-    """One embedded Ray for the whole session; stopped by this process, never by `ray stop`. It starts after the
-    S3 test server, so every Ray process finds that server's credentials in its environment, as a cloud node does."""
+def local_ray():
+    """One embedded Ray for the whole session; stopped by this process, never by `ray stop`."""
     import ray
 
     from actors.cluster import RayConfig, init_ray
@@ -63,31 +69,32 @@ def tiny_sentence_rm_dir(tiny_model_dir, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 API on 127.0.0.1 (moto's server), for storage on object storage: yields (uri prefix, env).
-    pyarrow reads the credentials from the environment, as on a cloud node; the bucket `endorl` exists."""
+    """A real S3 API on 127.0.0.1 (moto's server, in its own process), for storage on object storage: yields
+    (make_uri(key) -> 's3://endorl/KEY?endpoint_override=...', the credentials as env vars). The server runs in a
+    subprocess: moto's Flask in this process breaks in-process vLLM engines (vLLM's kernel dispatcher touches every
+    module's globals, and Flask's `current_app` proxy raises outside an app context)."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_EC2_METADATA_DISABLED": "true"}
-    old = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
-    boto3.client("s3", endpoint_url=f"http://{host}:{port}", region_name="us-east-1").create_bucket(Bucket="endorl")
-    query = f"?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    yield (lambda key: f"s3://endorl/{key}{query}"), env
-    server.stop()
-    for name, value in old.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-# ---------------------------------------------------------------- a real multi-node Ray cluster (tests/multinode.py)
+    from tests.ray_processes import free_ports
 
-# What worker nodes must not see besides /tmp and ~/.cache: the checkout (jobs get it as an uploaded working_dir)
-# and the preference data next to it. The Python installation stays visible even when it lies inside these.
-MULTINODE_HIDDEN = [p for p in (Path(__file__).resolve().parents[1], SHARED_DATA) if p.is_dir()]
+    (port,) = free_ports(1)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.create_bucket(Bucket="endorl")
+            break
+        except Exception:  # not listening yet
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError(f"moto's S3 server did not start on 127.0.0.1:{port}") from None
+            time.sleep(0.3)
+    query = f"?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    yield (lambda key: f"s3://endorl/{key}{query}"), dict(S3_CREDENTIALS)
+    server.kill()
+    server.wait()
 
 
 @pytest.fixture(scope="session")
