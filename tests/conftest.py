@@ -97,6 +97,13 @@ def s3_server():
     server.wait()
 
 
+# ---------------------------------------------------------------- a real multi-node Ray cluster (tests/multinode.py)
+
+# What worker nodes must not see besides /tmp and ~/.cache: the checkout (jobs get it as an uploaded working_dir)
+# and the preference data next to it. The Python installation stays visible even when it lies inside these.
+MULTINODE_HIDDEN = [p for p in (Path(__file__).resolve().parents[1], SHARED_DATA) if p.is_dir()]
+
+
 @pytest.fixture(scope="session")
 def multinode_cluster_factory():
     """make(workers=[NodeSpec(num_cpus, {"endorl_engine": 10}), ...], head=NodeSpec()) -> a running LocalCluster.
