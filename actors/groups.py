@@ -28,13 +28,18 @@ from pipeline.storage import Storage
 
 
 @ray.remote(num_cpus=0)
-def concat_task(*tables: pa.Table) -> pa.Table:
-    return pa.concat_tables(tables)
+class BatchOps:
+    """The driver's small table operations, in one long-lived process on the policy learners' node: the experience
+    table is then local to the learners, and no step pays for a new worker. (As 0-CPU tasks they ran on whatever
+    node had a slot, often one whose idle workers Ray kills after a second: 1.3 s a call on the multi-node bench.)"""
 
+    def concat(self, *tables: pa.Table) -> pa.Table:
+        return pa.concat_tables(tables)
 
-@ray.remote(num_cpus=0, num_returns=2)
-def experience_task(scored: pa.Table, values: list | None, cfg, group_size: int, kl_coef: float, kl_in_reward: bool):
-    return build_experience(scored, cfg, group_size, kl_coef, kl_in_reward, values)
+    @ray.method(num_returns=2)
+    def experience(self, scored: pa.Table, values: list | None, cfg, group_size: int, kl_coef: float,
+                   kl_in_reward: bool):
+        return build_experience(scored, cfg, group_size, kl_coef, kl_in_reward, values)
 
 
 def wait(refs: list) -> list:
@@ -49,7 +54,7 @@ class RLWorkers:
     def __init__(self, cfg):
         """Every actor resolves cfg.model.name on its own node; nothing of the driver's disk is handed out."""
         self.cfg, self.groups, self.engines, self.scorers, self.sentence_rm = cfg, [], [], [], None
-        self.learner = self.critic = None
+        self.learner = self.critic = self.batch_ops = None
         device, model = cfg.model.device, cfg.model.name
         try:
             self.engines, engine_group = start_rollout_engines(model, cfg.rollout_dtype, device, cfg.rollout, cfg.ray,
@@ -63,8 +68,9 @@ class RLWorkers:
             for role, request, count in roles:
                 group = reserve(role, [request] * count, "SPREAD", cfg.placement)
                 self.groups.append(group)
-                options = [dict(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0), scheduling_strategy=in_bundle(group, i),
-                                resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")}) for i in range(count)]
+                custom = {k: v for k, v in request.items() if k not in ("CPU", "GPU")}
+                options = [dict(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0), resources=custom,
+                                scheduling_strategy=in_bundle(group, i)) for i in range(count)]
                 if role == "scorers":
                     self.scorers = [BaseModelActor.options(**o).remote(cfg.model, cfg.reward) for o in options]
                 else:
@@ -72,7 +78,9 @@ class RLWorkers:
             self.learner = LearnerGroup(model, cfg.model, cfg.learner, role="policy", placement=cfg.placement)
             if cfg.advantage.estimator == "gae":
                 self.critic = LearnerGroup(model, cfg.model, cfg.learner, role="critic", placement=cfg.placement)
-            wait([actor.__ray_ready__.remote() for actor in self.scorers + self.engines + ([self.sentence_rm] if self.sentence_rm else [])])
+            self.batch_ops = BatchOps.options(scheduling_strategy=in_bundle(self.learner.placement, 0)).remote()
+            actors = self.scorers + self.engines + [a for a in (self.sentence_rm, self.batch_ops) if a]
+            wait([actor.__ray_ready__.remote() for actor in actors])
         except Exception:
             self.shutdown()
             raise
@@ -100,15 +108,16 @@ class RLWorkers:
         scored = [self.scorers[i % len(self.scorers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
         if self.sentence_rm:
             scored = [self.sentence_rm.score.remote(ref) for ref in scored]
-        return wait([concat_task.remote(*scored)])[0]
+        return wait([self.batch_ops.concat.remote(*scored)])[0]
 
     def values(self, scored_ref) -> list | None:
         return self.critic.values(scored_ref) if self.critic else None
 
     def make_experience(self, scored_ref, values) -> tuple[ray.ObjectRef, dict]:
         kl_in_reward = self.cfg.learner.kl_mode == "k1_reward"
-        experience, metrics = experience_task.remote(scored_ref, values, self.cfg.advantage, self.cfg.rollout.n_samples,
-                                                     self.cfg.learner.kl_coef, kl_in_reward)
+        experience, metrics = self.batch_ops.experience.remote(scored_ref, values, self.cfg.advantage,
+                                                               self.cfg.rollout.n_samples, self.cfg.learner.kl_coef,
+                                                               kl_in_reward)
         self.last_batch = experience
         return experience, ray.get(metrics)
 
@@ -167,7 +176,7 @@ class RLWorkers:
         for group in (self.learner, self.critic):
             if group:
                 group.shutdown()
-        for actor in self.engines + self.scorers + ([self.sentence_rm] if self.sentence_rm else []):
+        for actor in self.engines + self.scorers + [a for a in (self.sentence_rm, self.batch_ops) if a]:
             ray.kill(actor)
         for group in self.groups:
             remove_placement_group(group)

@@ -61,7 +61,8 @@ def main() -> None:
 
     with LocalCluster(workers=WORKERS, head=HEAD) as cluster:
         storage = str(cluster.shared_dir / "multinode")
-        result = cluster.submit_cli(["python", "-m", "jobs.rlhf", *rl_args(args.model, storage, args.steps), *PINS],
+        result = cluster.submit_cli(["python", "-m", "jobs.rlhf", *rl_args(args.model, storage, args.steps), *PINS,
+                                     "--local", "false"],  # configs/local.yaml says local: true
                                     timeout_s=1800)
         if result.status != "SUCCEEDED":
             raise SystemExit(f"multi-node run ended {result.status}:\n{result.output[-4000:]}")
