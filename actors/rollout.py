@@ -4,8 +4,8 @@
 The vLLM engine runs inside the actor's process (VLLM_ENABLE_V1_MULTIPROCESSING=0, from worker_env): weight
 sync hands it tensors in memory, which a multiprocess engine would lose in serialisation. Each engine resolves
 the model on its own node (a bundled model is converted there, once) and, on CPU, binds its OpenMP threads to
-cores of its own node. What the engine's
-outputs mean (log-probs mode, EOS, tied embeddings) is decided and documented in pipeline/rollout.py.
+cores of its own node. What the engine's outputs mean (log-probs mode, EOS, tied embeddings) is decided and
+documented in pipeline/rollout.py.
 """
 from __future__ import annotations
 
