@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> str:
     except (OSError, ValueError) as e:
         raise SystemExit(f"--prompts: {e}")
     check_config(cfg, train_prompts.num_rows, heldout_prompts.num_rows, local)
-    model_path, tokenizer, window = open_model(cfg.model)
+    _, tokenizer, window = open_model(cfg.model)  # the driver needs the tokenizer; actors resolve the model themselves
     cfg.rollout.check_fits(window)
     try:
         train_ids = tokenize_prompts(train_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)
