@@ -67,6 +67,18 @@ def batch_tokens(jobs: list[ScoreJob]) -> int:
     return sum(job.tokens for job in jobs)
 
 
+def encode_openrlhf_sentence_request(data, tokenizer, window, reward_cfg, limits) -> ScoreJob:
+    job = encode_openrlhf_request(data, tokenizer, window, reward_cfg, limits)
+    job.sentence_rm = True
+    return job
+
+
+def rows_table(jobs: list[ScoreJob], rows: list[tuple[int, int]]) -> pa.Table:
+    return request_table([jobs[j].prompt_ids[i] for j, i in rows], [jobs[j].response_ids[i] for j, i in rows],
+                         [jobs[j].finished[i] for j, i in rows])
+
+
+# Everything the deployment uses is defined above it: Serve serializes the class when it is decorated.
 app = FastAPI(title="EndoRL reward server", docs_url=None, redoc_url=None)
 
 
@@ -159,17 +171,6 @@ class RewardServer:
                                              scored["sentence_rewards"].to_pylist()):
                 results[j].sentence_rewards[i], results[j].sentence_token_rewards[i] = reward, dense
         return results
-
-
-def encode_openrlhf_sentence_request(data, tokenizer, window, reward_cfg, limits) -> ScoreJob:
-    job = encode_openrlhf_request(data, tokenizer, window, reward_cfg, limits)
-    job.sentence_rm = True
-    return job
-
-
-def rows_table(jobs: list[ScoreJob], rows: list[tuple[int, int]]) -> pa.Table:
-    return request_table([jobs[j].prompt_ids[i] for j, i in rows], [jobs[j].response_ids[i] for j, i in rows],
-                         [jobs[j].finished[i] for j, i in rows])
 
 
 def reward_app(model_cfg: ModelConfig, reward_cfg: EndoRewardConfig, limits: LimitsConfig, batching: BatchingConfig,

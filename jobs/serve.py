@@ -2,7 +2,7 @@
 
     python -m jobs.serve                                   # the bundled model on 127.0.0.1:8000 until Ctrl-C
     python -m jobs.serve --http.port 8100 --sentence_rm runs/sentence_rm/final
-    ray job submit --working-dir . -- python -m jobs.serve --config configs/serve_gpu.yaml --detach
+    ray job submit --working-dir . -- python -m jobs.serve --config configs/serve_gpu.yaml   # GPUs; see that file
     serve run jobs.serve:build_app model.name=smollm2-135m-instruct replicas.cpus_per_replica=2
 
 Routes: POST /v1/reward (EndoRL's protocol), POST /get_reward (OpenRLHF's remote reward protocol: point their
@@ -104,13 +104,12 @@ def check_port_free(host: str, port: int) -> None:
                              f"e.g. --http.port {port + 1}.") from None
 
 
-def serve_until_interrupted() -> None:
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it like Ctrl-C
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("stopping the reward server", flush=True)
+def metrics_urls() -> str:
+    """Where Ray exports its metrics (Serve's among them) in Prometheus format: one port per node."""
+    import ray
+
+    return ", ".join(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+                     for node in ray.nodes() if node["Alive"])
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -128,22 +127,26 @@ def main(argv: list[str] | None = None) -> str:
             raise SystemExit(f"--model.name: {e}")
         check_port_free(cfg.http.host, cfg.http.port)
     init_ray(cfg.ray, cfg.model.device)
-    serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port,
-                              "request_timeout_s": cfg.limits.request_timeout_s + 30})  # a backstop behind ours
-    try:
-        serve.run(make_app(cfg, token, replica_cpus(cfg)), name=cfg.app_name, route_prefix="/")
-    except RuntimeError as e:
-        raise SystemExit(f"the reward server did not start: {e}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it like Ctrl-C
     url = f"http://{cfg.http.host}:{cfg.http.port}"
-    import ray
-    metrics = ", ".join(f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"])
-    print(f"serving the reward at {url}: POST /v1/reward, POST /get_reward (OpenRLHF: --reward.remote_url "
-          f"{url}/get_reward), GET /health; Ray Serve metrics (Prometheus): {metrics}", flush=True)
-    if cfg.detach:
-        return url
-    serve_until_interrupted()
+    try:
+        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port,
+                                  "request_timeout_s": cfg.limits.request_timeout_s + 30})  # a backstop behind ours
+        try:
+            serve.run(make_app(cfg, token, replica_cpus(cfg)), name=cfg.app_name, route_prefix="/")
+        except RuntimeError as e:
+            raise SystemExit(f"the reward server did not start: {e}")
+        print(f"serving the reward at {url}: POST /v1/reward, POST /get_reward (OpenRLHF: --reward.remote_url "
+              f"{url}/get_reward), GET /health; Ray Serve metrics (Prometheus): {metrics_urls()}", flush=True)
+        if cfg.detach:
+            return url
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping the reward server", flush=True)
     serve.shutdown()
     if local:
+        import ray
         ray.shutdown()
     return url
 
