@@ -142,6 +142,9 @@ class RewardServer:
             status, content = 200, make_answer(job, scored)
         except RequestError as e:
             status, content = e.status, e.body()
+        except Exception as e:  # a failure of the scorer itself: the requests of that batch get 500, the server stays up
+            logging.getLogger(__name__).exception("scoring failed")
+            status, content = 500, RequestError(500, "server", f"scoring failed: {type(e).__name__}: {e}").body()
         self.requests.inc(tags={"route": route, "status": str(status)})
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status == 503 else None
         return JSONResponse(content, status_code=status, headers=headers)

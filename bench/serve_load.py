@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.serve_load [--requests 1000] [--concurrency 32] [--malformed 0.1] [--dtype auto]
 
 Starts `python -m jobs.serve` (its own process and embedded Ray; one replica with all the cores as torch threads)
-and loads it from this process with httpx: `--concurrency` requests in flight, each one HH row (prompt +
+and loads it from this process with aiohttp: `--concurrency` requests in flight, each one HH row (prompt +
 response) to POST /v1/reward, so the server sees a stream of small requests that only its batching can pack.
 Baseline: the packed scorer in this process (score_endogenous, the same rows, dtype and threads), with the server
 idle. The rows are split into rounds; each round runs both, in alternating order (ABBA), and the ratio is the
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-import httpx
+import aiohttp
 import numpy as np
 import torch
 
@@ -76,21 +76,22 @@ def start_server(port: int, dtype: str, cores: int, log_path: str) -> subprocess
 async def load(url: str, bodies: list[tuple[bytes, int]], concurrency: int) -> tuple[list[float], list[str], float]:
     """POST every body with `concurrency` in flight: (latencies of the good ones, errors, wall seconds)."""
     latencies, errors, gate = [], [], asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+    connector, timeout = aiohttp.TCPConnector(limit=concurrency), aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async def one(body: bytes, expected: int):
             async with gate:
                 start = time.perf_counter()
                 try:
-                    response = await client.post(url, content=body, headers={"Content-Type": "application/json"})
-                except httpx.HTTPError as e:
+                    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                        status, text = response.status, await response.text()
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     errors.append(f"{type(e).__name__}: {e}")
                     return
-                if response.status_code != expected:
-                    errors.append(f"HTTP {response.status_code} (expected {expected}): {response.text[:200]}")
+                if status != expected:
+                    errors.append(f"HTTP {status} (expected {expected}): {text[:200]}")
                 elif expected == 200:
-                    if len(response.json()["items"]) != 1:
-                        errors.append(f"bad answer: {response.text[:200]}")
+                    if len(json.loads(text)["items"]) != 1:
+                        errors.append(f"bad answer: {text[:200]}")
                     latencies.append(time.perf_counter() - start)
         start = time.perf_counter()
         await asyncio.gather(*(one(body, expected) for body, expected in bodies))

@@ -22,9 +22,9 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pyarrow as pa
+import requests
 
 from pipeline.arrow import FLOATS, numpy_to_ragged, ragged_to_numpy
 from pipeline.config import opt
@@ -73,8 +73,7 @@ class RemoteRewardClient:
 
     def __init__(self, cfg: RLRewardConfig, token: str = "", sleep=time.sleep):
         self.cfg, self.urls, self.sleep = cfg, cfg.urls(), sleep
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(timeout=cfg.remote_timeout_s, headers=headers)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def post(self, index: int, payload: dict) -> dict:
         """The answer to request `index` (its first attempt goes to URL index % n, each retry to the next)."""
@@ -82,8 +81,8 @@ class RemoteRewardClient:
         for attempt in range(cfg.remote_attempts):
             url = self.urls[(index + attempt) % len(self.urls)]
             try:
-                response = self.http.post(url, json=payload)
-            except httpx.HTTPError as e:
+                response = requests.post(url, json=payload, headers=self.headers, timeout=cfg.remote_timeout_s)
+            except requests.RequestException as e:
                 failures.append(f"{url}: {type(e).__name__}: {e}")
             else:
                 if response.status_code == 200:
@@ -94,17 +93,16 @@ class RemoteRewardClient:
                 elif response.status_code in RETRIED_STATUS:
                     failures.append(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
                 else:
+                    hint = (f" Fix: lower --reward.remote_batch_items (now {cfg.remote_batch_items}) to fit the server's "
+                            f"limits." if response.status_code == 413 else "")
                     raise RemoteRewardError(f"reward server {url} refused the request with HTTP {response.status_code}: "
-                                            f"{response.text[:500]} (not retried: it would be refused again)")
+                                            f"{response.text[:500]} (not retried: it would be refused again).{hint}")
             if attempt + 1 < cfg.remote_attempts:
                 self.sleep(cfg.remote_backoff_s * 2 ** attempt)
         tried = sorted({self.urls[(index + a) % len(self.urls)] for a in range(cfg.remote_attempts)})
         raise RemoteRewardError(f"no reward after {cfg.remote_attempts} attempts on {', '.join(tried)}; the last: "
                                 f"{failures[-1]}. Fix: check that the servers are up (an EndoRL server answers GET "
                                 f"/health), or raise --reward.remote_attempts / --reward.remote_timeout_s.")
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def check_answer(answer, count: int) -> dict:

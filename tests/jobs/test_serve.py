@@ -75,7 +75,7 @@ def launched(tiny_model_dir, tiny_sentence_rm_dir, tmp_path_factory):
     common = ["--model.name", tiny_model_dir, "--model.max_length", str(WINDOW), "--ray.address", "local", "--ray.num_cpus", "2",
               "--ray.dashboard", "false", "--replicas.cpus_per_replica", "1"]
     servers = {"open": Server(logs, *common, "--sentence_rm", tiny_sentence_rm_dir, "--limits.max_items", "8",
-                              "--limits.max_request_tokens", "1500", "--limits.max_body_bytes", "20000"),
+                              "--limits.max_request_tokens", "1500", "--limits.max_body_bytes", "60000"),
                "guarded": Server(logs, *common, "--auth.token_env", "ENDORL_TEST_TOKEN", "--limits.request_timeout_s",
                                  "0.001", env={"ENDORL_TEST_TOKEN": TOKEN})}
     yield servers
@@ -181,7 +181,7 @@ def test_sentence_rm_next_to_the_endogenous_reward(server, tiny_model_dir, tiny_
 
 
 BAD = [  # (what, body bytes, status, field)
-    ("body over the size limit", json.dumps({"items": [{"prompt": "p", "response": "x" * 30000}]}).encode(), 413, "body"),
+    ("body over the size limit", json.dumps({"items": [{"prompt": "p", "response": "x" * 70000}]}).encode(), 413, "body"),
     ("too many items", json.dumps({"items": [{"prompt": "p", "response": "r"}] * 9}).encode(), 413, "items"),
     ("too many tokens", json.dumps({"items": [{"prompt": "word " * 250, "response": "r"}] * 8}).encode(), 413, "request"),
     ("malformed JSON", b'{"items": [{"prompt": "p", "response": "r"}', 400, "body"),
@@ -278,6 +278,21 @@ def test_gpu_config_asks_for_gpus_autoscaling_and_a_token():
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 4)
 
 
+def test_serve_run_builds_the_same_application(monkeypatch, tiny_model_dir):
+    """`serve run jobs.serve:build_app key=value ...`: the builder as Serve's CLI calls it (ray/serve/scripts.py)."""
+    from ray._common.utils import import_attr
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    builder = import_attr("jobs.serve:build_app")
+    app = call_user_app_builder_with_args_if_necessary(builder, {"model.name": tiny_model_dir, "replicas.cpus_per_replica": "2"})
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == 2
+    with pytest.raises(SystemExit, match="unknown option --modle.name; did you mean --model.name"):
+        builder({"modle.name": tiny_model_dir})
+    monkeypatch.setenv("RAY_SERVE_DEFAULT_HTTP_HOST", "0.0.0.0")  # Serve's own HTTP options: beyond loopback
+    with pytest.raises(SystemExit, match="serves beyond this machine"):
+        builder({"model.name": tiny_model_dir})
+
+
 def test_remote_reward_client_against_the_server(server, tiny_model_dir):
     """The RL side's client on EndoRL's server: with the extension, exactly the in-process reward per token."""
     from actors.base_model import EndogenousScorer
@@ -312,7 +327,8 @@ def test_rl_with_the_served_reward_gives_the_same_metrics(server, tmp_path, tiny
     from jobs import rlhf
 
     runs = {}
-    for name, extra in [("in_process", []), ("served", ["--reward.remote_url", server.url + "/get_reward"])]:
+    for name, extra in [("in_process", []), ("served", ["--reward.remote_url", server.url + "/get_reward",
+                                                               "--reward.remote_batch_items", "8"])]:
         rlhf.main(["--local", "--model.name", tiny_model_dir, "--rollout_dtype", "float32", "--steps", "2",
                    "--prompts_per_step", "2", "--rollout.n_samples", "2", "--rollout.max_new_tokens", "8",
                    "--rollout.max_prompt_tokens", "128", "--learner.ranks", "2", "--learner.zero_stage", "2",
