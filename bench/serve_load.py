@@ -108,6 +108,7 @@ def main() -> None:
                     help="auto: bfloat16 where the CPU has native bf16 (avx512_bf16/amx_bf16), else float32")
     ap.add_argument("--data", default="../shared/data/hh_harmless_base_test.jsonl")
     ap.add_argument("--port", type=int, default=0, help="0 = a free port")
+    ap.add_argument("--no_baseline", action="store_true", help="skip the in-process scorer (for the malformed run)")
     args = ap.parse_args()
 
     cpu, native_bf16 = cpu_description()
@@ -142,7 +143,8 @@ def main() -> None:
     try:
         bodies = [(json.dumps({"items": [row]}).encode(), 200) for row in rows]
         asyncio.run(load(url, bodies[:args.concurrency], args.concurrency))  # warm-up
-        in_process(list(range(min(32, len(rows)))))
+        if not args.no_baseline:
+            in_process(list(range(min(32, len(rows)))))
         rng = np.random.default_rng(0)
         rounds = np.array_split(np.arange(len(rows)), args.rounds)
         served_rates, local_rates, latencies, errors, bad_sent = [], [], [], [], 0
@@ -161,16 +163,18 @@ def main() -> None:
                     latencies += got
                     errors += errs
                     served_rates.append(round_tokens / seconds)
-                else:
+                elif not args.no_baseline:
                     local_rates.append(round_tokens / in_process(indices))
             print(f"round {k + 1}/{len(rounds)}: {len(indices)} rows, {round_tokens} tokens: served "
-                  f"{served_rates[-1]:.0f} tok/s, in-process {local_rates[-1]:.0f} tok/s", flush=True)
+                  f"{served_rates[-1]:.0f} tok/s" + (f", in-process {local_rates[-1]:.0f} tok/s" if local_rates else ""),
+                  flush=True)
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:
             server.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+    local_rates = local_rates or [float("nan")] * len(served_rates)
     ratios = [s / l for s, l in zip(served_rates, local_rates)]
     p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (float("nan"),) * 2
     print(f"\n{len(rows)} good requests (+ {bad_sent} malformed), concurrency {args.concurrency}, {sum(tokens)} tokens, "

@@ -96,8 +96,9 @@ def guarded(launched):
 
 
 @pytest.fixture(scope="module")
-def scored_by_job(tmp_path_factory, tiny_model_dir, local_ray):
-    """jobs.score's output on ROWS: with the defaults, and with a system prompt and the mean form."""
+def scored_by_job(launched, tmp_path_factory, tiny_model_dir, local_ray):
+    """jobs.score's output on ROWS: with the defaults, and with a system prompt and the mean form (computed while
+    the servers start)."""
     folder = tmp_path_factory.mktemp("score")
     source = folder / "rows.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
@@ -121,7 +122,7 @@ def items(rows):
     return [{"prompt": row["prompt"], "response": row["response"]} for row in rows]
 
 
-def test_v1_reward_equals_jobs_score(server, scored_by_job):
+def test_v1_reward_equals_jobs_score(scored_by_job, server):
     answer = post(server, "/v1/reward", {"items": items(ROWS), "token_rewards": True})
     assert answer.status_code == 200, answer.text
     for got, expected in zip(answer.json()["items"], scored_by_job["default"]):
@@ -326,7 +327,10 @@ def test_rl_with_the_served_reward_gives_the_same_metrics(server, tmp_path, tiny
     """The same tiny run twice: the reward in-process, then from the server (the KL reference local in both)."""
     from jobs import rlhf
 
-    runs = {}
+    def served_requests():  # Serve's access log of the replica, forwarded to the server's output
+        return server.log.read_text().count("POST /get_reward 200")
+
+    before, runs = served_requests(), {}
     for name, extra in [("in_process", []), ("served", ["--reward.remote_url", server.url + "/get_reward",
                                                                "--reward.remote_batch_items", "8"])]:
         rlhf.main(["--local", "--model.name", tiny_model_dir, "--rollout_dtype", "float32", "--steps", "2",
@@ -335,6 +339,11 @@ def test_rl_with_the_served_reward_gives_the_same_metrics(server, tmp_path, tiny
                    "--learner.lr", "1e-3", "--eval_every", "2", "--sync_check_every", "0", "--checkpoint_every", "0",
                    "--storage", str(tmp_path / name), *extra])
         runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
+    # the served run did ask the server: 2 steps x 4 rows and 2 evaluations x 32 rows, in requests of 8 rows
+    deadline = time.monotonic() + 60
+    while served_requests() - before < 10:
+        assert time.monotonic() < deadline, f"{served_requests() - before} /get_reward requests reached the server"
+        time.sleep(1)
     assert [m["step"] for m in runs["served"]] == [m["step"] for m in runs["in_process"]] == [0, 1, 2]
     for expected, got in zip(runs["in_process"], runs["served"]):
         assert set(got) == set(expected)
