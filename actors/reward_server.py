@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import pyarrow as pa
@@ -38,7 +39,8 @@ from pipeline.reward_api import (LimitsConfig, RequestError, Scored, ScoreJob, c
 class BatchingConfig:
     max_batch_tokens: int = opt(16384, "most prompt + response tokens in one scoring batch (requests are batched "
                                        "whole, so at least limits.max_request_tokens)")
-    batch_wait_timeout_s: float = opt(0.01, "how long a batch waits for more requests after its first one")
+    batch_wait_timeout_s: float = opt(0.1, "how long a batch waits for more requests after its first one (0.01 "
+                                           "split a burst of 32 one-row requests into batches of 1 to 10 here)")
     max_ongoing_requests: int = opt(128, "requests one replica holds at once (parsing, queued or scoring)")
     max_queued_requests: int = opt(1024, "requests Serve queues for the replicas beyond those; more get 503")
 
@@ -97,6 +99,8 @@ class RewardServer:
             from actors.sentence_rm import SentenceRMScorer
             self.sentence = SentenceRMScorer(sentence_rm, model_cfg.device)
         self.openrlhf_reward, self.auth_digest = openrlhf_reward, auth_digest
+        # one thread for all scoring: the same OS thread each batch keeps torch's OpenMP team and caches warm
+        self.scoring_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self.score_batch.set_max_batch_size(batching.max_batch_tokens)
         self.score_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.requests = Counter("endorl_reward_requests", "reward requests answered, by route and HTTP status",
@@ -149,9 +153,9 @@ class RewardServer:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": "1"} if status == 503 else None
         return JSONResponse(content, status_code=status, headers=headers)
 
-    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.01, batch_size_fn=batch_tokens)
+    @serve.batch(max_batch_size=16384, batch_wait_timeout_s=0.1, batch_size_fn=batch_tokens)  # both set from config
     async def score_batch(self, jobs: list[ScoreJob]) -> list[Scored]:
-        return await asyncio.to_thread(self.score_jobs, jobs)
+        return await asyncio.get_running_loop().run_in_executor(self.scoring_thread, self.score_jobs, jobs)
 
     def score_jobs(self, jobs: list[ScoreJob]) -> list[Scored]:
         """Every row of every job, scored in one packed call per distinct reward config (the requests' options)."""

@@ -33,6 +33,7 @@ from pipeline.data import load_hh
 from pipeline.endogenous import EndoRewardConfig, score_endogenous
 from pipeline.models import context_window, load_causal_lm, load_tokenizer, resolve_model
 
+RAY_WORKER_NICENESS = 15  # Ray's default (ray_config_def.h: worker_niceness)
 MALFORMED = [  # (kind, body bytes, expected status)
     ("bad JSON", b'{"items": [{"prompt": "hi", "response": "ok"}', 400),
     ("non-UTF-8", b'{"items": [{"prompt": "\xff", "response": "ok"}]}', 400),
@@ -61,9 +62,9 @@ def hh_rows(path: str, count: int) -> list[dict]:
     raise SystemExit(f"{path} holds fewer than {count} rows")
 
 
-def start_server(port: int, dtype: str, cores: int, log_path: str) -> subprocess.Popen:
+def start_server(port: int, dtype: str, cores: int, log_path: str, extra: list[str]) -> subprocess.Popen:
     args = [sys.executable, "-m", "jobs.serve", "--model.dtype", dtype, "--http.port", str(port), "--ray.address", "local",
-            "--ray.dashboard", "false", "--replicas.cpus_per_replica", str(cores)]
+            "--ray.dashboard", "false", "--replicas.cpus_per_replica", str(cores), *extra]
     server = subprocess.Popen(args, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 300
     while "serving the reward at" not in open(log_path).read():
@@ -109,8 +110,12 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/hh_harmless_base_test.jsonl")
     ap.add_argument("--port", type=int, default=0, help="0 = a free port")
     ap.add_argument("--no_baseline", action="store_true", help="skip the in-process scorer (for the malformed run)")
+    ap.add_argument("--server_args", default="", help="more jobs.serve flags, e.g. '--batching.batch_wait_timeout_s 0.05'")
     args = ap.parse_args()
 
+    # Ray runs its workers, the server's replica among them, at nice 15; this process (the in-process scorer and the
+    # load generator) runs at the same priority, so that other work on a shared machine slows both sides alike
+    os.nice(max(0, RAY_WORKER_NICENESS - os.nice(0)))
     cpu, native_bf16 = cpu_description()
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if native_bf16 else "float32")
     cores = os.cpu_count()
@@ -137,7 +142,7 @@ def main() -> None:
             port = probe.getsockname()[1]
     log_path = os.path.join(tempfile.mkdtemp(prefix="serve_load-"), "server.log")
     started = time.perf_counter()
-    server = start_server(port, dtype, cores, log_path)
+    server = start_server(port, dtype, cores, log_path, args.server_args.split())
     url = f"http://127.0.0.1:{port}/v1/reward"
     print(f"server up in {time.perf_counter() - started:.0f} s (log: {log_path})", flush=True)
     try:
