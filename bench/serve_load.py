@@ -187,9 +187,10 @@ def main() -> None:
     print(f"errors: {len(errors)}" + "".join(f"\n  {e}" for e in errors[:10]))
     print(f"latency of the good requests: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
     print(f"served     {np.median(served_rates):.0f} tok/s (median of rounds)")
-    print(f"in-process {np.median(local_rates):.0f} tok/s (median of rounds)")
-    print(f"served / in-process = {np.median(ratios):.2f}x (median of per-round ratios {', '.join(f'{r:.2f}' for r in ratios)};"
-          f" target >= 0.8x)")
+    if not args.no_baseline:
+        print(f"in-process {np.median(local_rates):.0f} tok/s (median of rounds)")
+        print(f"served / in-process = {np.median(ratios):.2f}x (median of per-round ratios "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}; target >= 0.8x)")
     print(json.dumps({"cpu": cpu, "dtype": dtype, "requests": len(rows), "malformed": bad_sent, "errors": len(errors),
                       "p50_ms": p50 * 1000, "p99_ms": p99 * 1000, "served_tok_s": float(np.median(served_rates)),
                       "in_process_tok_s": float(np.median(local_rates)), "ratio": float(np.median(ratios))}))
