@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -160,9 +161,9 @@ class RewardServer:
     def score_jobs(self, jobs: list[ScoreJob]) -> list[Scored]:
         """Every row of every job, scored in one packed call per distinct reward config (the requests' options)."""
         results = [Scored([0.0] * len(job.prompt_ids), [[] for _ in job.prompt_ids]) for job in jobs]
-        by_config: dict[tuple, list[tuple[int, int]]] = {}
+        by_config: dict[str, list[tuple[int, int]]] = {}
         for j, job in enumerate(jobs):
-            key = tuple(sorted(dataclasses.asdict(job.reward).items()))
+            key = json.dumps(dataclasses.asdict(job.reward), sort_keys=True)  # any field type, hashable
             by_config.setdefault(key, []).extend((j, i) for i in range(len(job.prompt_ids)))
         for rows in by_config.values():
             scored = self.scorer.score(rows_table(jobs, rows), jobs[rows[0][0]].reward)
