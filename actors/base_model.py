@@ -40,10 +40,11 @@ class EndogenousScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.score(batch)
 
-    def score(self, batch: pa.Table) -> pa.Table:
-        """SCORE_REQUEST rows (+ any other columns) -> the same rows with SCORED_FIELDS appended."""
+    def score(self, batch: pa.Table, reward_cfg: EndoRewardConfig | None = None) -> pa.Table:
+        """SCORE_REQUEST rows (+ any other columns) -> the same rows with SCORED_FIELDS appended. `reward_cfg`
+        (default: the one this scorer was built with) lets the reward server score each request's options."""
         scores = score_endogenous(self.model, ragged_to_numpy(batch["prompt_ids"]), ragged_to_numpy(batch["response_ids"]),
-                                  batch["finished"].to_pylist(), self.reward_cfg)
+                                  batch["finished"].to_pylist(), reward_cfg or self.reward_cfg)
         columns = [numpy_to_ragged(scores.token_rewards, pa.float32()), numpy_to_ragged(scores.ref_logprobs, pa.float32()),
                    pa.array(scores.rewards, pa.float32())]
         for (name, type_), column in zip(SCORED_FIELDS, columns):

@@ -18,6 +18,7 @@ from ray.util.placement_group import remove_placement_group
 from actors.base_model import BaseModelActor
 from actors.learner import LearnerGroup
 from actors.placement import bundle, gpus_for, in_bundle, node_of, reserve
+from actors.remote_reward import RemoteRewardActor
 from actors.rollout import start_rollout_engines
 from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import ragged_to_numpy
@@ -54,6 +55,7 @@ class RLWorkers:
     def __init__(self, cfg):
         """Every actor resolves cfg.model.name on its own node; nothing of the driver's disk is handed out."""
         self.cfg, self.groups, self.engines, self.scorers, self.sentence_rm = cfg, [], [], [], None
+        self.remote_reward = None
         self.learner = self.critic = self.batch_ops = None
         device, model = cfg.model.device, cfg.model.name
         try:
@@ -73,13 +75,16 @@ class RLWorkers:
                                 scheduling_strategy=in_bundle(group, i)) for i in range(count)]
                 if role == "scorers":
                     self.scorers = [BaseModelActor.options(**o).remote(cfg.model, cfg.reward) for o in options]
+                    if getattr(cfg.reward, "remote_url", ""):  # next to the first scorer; it asks for no CPU
+                        self.remote_reward = RemoteRewardActor.options(scheduling_strategy=in_bundle(group, 0)).remote(
+                            cfg.model, cfg.reward)
                 else:
                     self.sentence_rm = SentenceRMActor.options(**options[0]).remote(cfg.sentence_rm, device)
             self.learner = LearnerGroup(model, cfg.model, cfg.learner, role="policy", placement=cfg.placement)
             if cfg.advantage.estimator == "gae":
                 self.critic = LearnerGroup(model, cfg.model, cfg.learner, role="critic", placement=cfg.placement)
             self.batch_ops = BatchOps.options(scheduling_strategy=in_bundle(self.learner.placement, 0)).remote()
-            actors = self.scorers + self.engines + [a for a in (self.sentence_rm, self.batch_ops) if a]
+            actors = self.scorers + self.engines + [a for a in (self.sentence_rm, self.batch_ops, self.remote_reward) if a]
             wait([actor.__ray_ready__.remote() for actor in actors])
         except Exception:
             self.shutdown()
@@ -106,6 +111,8 @@ class RLWorkers:
         """Endogenous rewards + reference log-probs (one forward pass) per shard, then the sentence RM's dense
         rewards when it is a reward source; one table ref back."""
         scored = [self.scorers[i % len(self.scorers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
+        if self.remote_reward:  # --reward.remote_url: the reward from the servers, the KL reference kept local
+            scored = [self.remote_reward.score.remote(ref) for ref in scored]
         if self.sentence_rm:
             scored = [self.sentence_rm.score.remote(ref) for ref in scored]
         return wait([self.batch_ops.concat.remote(*scored)])[0]
@@ -176,7 +183,7 @@ class RLWorkers:
         for group in (self.learner, self.critic):
             if group:
                 group.shutdown()
-        for actor in self.engines + self.scorers + [a for a in (self.sentence_rm, self.batch_ops) if a]:
+        for actor in self.engines + self.scorers + [a for a in (self.sentence_rm, self.batch_ops, self.remote_reward) if a]:
             ray.kill(actor)
         for group in self.groups:
             remove_placement_group(group)

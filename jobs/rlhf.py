@@ -12,6 +12,7 @@ the newest complete checkpoint there.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Literal
 
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
@@ -19,7 +20,8 @@ from actors.placement import PlacementConfig
 from pipeline.config import opt, parse_config, to_yaml
 from pipeline.data import builtin_prompts, load_prompts, split_prompts
 from pipeline.driver import rl_loop, tokenize_prompts
-from pipeline.endogenous import EndoRewardConfig
+from pipeline.remote_reward import RLRewardConfig
+from pipeline.reward_api import AuthConfig, read_token
 from pipeline.experience import AdvantageConfig
 from pipeline.models import ModelConfig, open_model
 from pipeline.policy import LearnerConfig
@@ -61,7 +63,7 @@ class RLConfig:
     sentence_rm_resources: dict[str, float] = opt(help="custom Ray resources of the sentence-RM actor", factory=dict)
     placement: PlacementConfig = opt(factory=PlacementConfig)
     model: ModelConfig = opt(factory=ModelConfig)
-    reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
+    reward: RLRewardConfig = opt(factory=RLRewardConfig)  # the endogenous reward's options + --reward.remote_url
     advantage: AdvantageConfig = opt(factory=AdvantageConfig)
     rollout: RolloutConfig = opt(factory=RolloutConfig)
     learner: LearnerConfig = opt(factory=LearnerConfig)
@@ -86,6 +88,11 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
     if cfg.prompts_per_step > prompt_count:
         raise SystemExit(f"--prompts_per_step {cfg.prompts_per_step} is more than the {prompt_count} training prompts. "
                          f"Fix: lower it or give more prompts.")
+    if cfg.reward.remote_url:  # the remote-reward actor reads the token on its node; check here it can be read
+        try:
+            read_token(AuthConfig(cfg.reward.remote_token_file, cfg.reward.remote_token_env), os.environ)
+        except ValueError as e:
+            raise SystemExit(str(e).replace("auth.token_", "--reward.remote_token_"))
     if cfg.advantage.sentence_rm_weight and not (cfg.sentence_rm and Storage(cfg.sentence_rm).exists(CONFIG_FILE)):
         raise SystemExit(f"--advantage.sentence_rm_weight {cfg.advantage.sentence_rm_weight} needs a trained sentence RM, "
                          f"but --sentence_rm {cfg.sentence_rm!r} holds no {CONFIG_FILE} (as seen from the driver). "

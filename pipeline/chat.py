@@ -52,3 +52,17 @@ def fit_to_window(prompt_ids: list[int], response_ids: list[int], window: int,
     if response_cut:
         response_ids = response_ids[: window - len(prompt_ids)]
     return prompt_ids, response_ids, dropped, response_cut
+
+
+def encode_row(tokenizer, messages: list[dict], response: str, window: int, system_prompt: str = "",
+               policy: Literal["left", "error"] = "left", where: str = "row") -> tuple[list[int], list[int], bool, int, int]:
+    """One (prompt messages, response text) row as the endogenous reward scores it: the chat-templated prompt, the
+    response with its EOS, fitted to the window. The one encoding of `jobs.score` and `jobs.serve`.
+
+    Returns (prompt_ids, response_ids, finished, prompt_tokens_dropped, response_tokens_dropped); a response cut at
+    the right to fit is not finished (it lost its EOS). Raises ValueError naming `where` under policy "error".
+    """
+    full_response = encode_response(tokenizer, response)
+    prompt_ids, response_ids, dropped, cut = fit_to_window(encode_prompt(tokenizer, messages, system_prompt),
+                                                           full_response, window, policy, where)
+    return prompt_ids, response_ids, not cut, dropped, len(full_response) - len(response_ids)

@@ -80,3 +80,18 @@ def test_unreadable_input_and_unknown_model(tmp_path, tiny_model_dir):
         score.main(["--model", str(tmp_path / "no_model"), "--input", good, "--output", str(tmp_path / "o.jsonl")])
     with pytest.raises(SystemExit, match="unknown file type"):
         run(tiny_model_dir, "--input", good, "--output", str(tmp_path / "o.csv"))
+
+
+def test_a_response_cut_to_the_window_is_scored_as_unfinished(tmp_path, tiny_model_dir, local_ray):
+    # regression: every row was scored as finished, so a response cut at the right (no EOS any more) still got
+    # V(s_{H+1}) := 0 whatever --reward.truncated_terminal said
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Count.", "response": "one two " * 60},
+                                                 {"prompt": "Say hi.", "response": "Hello."}])
+    out = {}
+    for terminal in ("zero", "value"):
+        run(tiny_model_dir, "--input", source, "--output", str(tmp_path / f"{terminal}.jsonl"), "--base.max_length", "64",
+            "--reward.truncated_terminal", terminal)
+        out[terminal] = [json.loads(line)["token_rewards"] for line in (tmp_path / f"{terminal}.jsonl").read_text().splitlines()]
+    cut_zero, cut_value = out["zero"][0], out["value"][0]
+    assert cut_zero[:-1] == pytest.approx(cut_value[:-1]) and cut_zero[-1] != pytest.approx(cut_value[-1])
+    assert out["zero"][1] == pytest.approx(out["value"][1])  # a finished response ends with V := 0 either way

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.chat import encode_prompt, encode_response, fit_to_window, with_system_prompt
+from pipeline.chat import encode_prompt, encode_response, encode_row, fit_to_window, with_system_prompt
 from pipeline.models import load_tokenizer
 
 
@@ -35,3 +35,14 @@ def test_prompt_uses_chat_template_and_response_ends_with_eos(real_model_dir):
     response = encode_response(tokenizer, "Hello there.")
     assert response[-1] == tokenizer.eos_token_id and tokenizer.decode(response[:-1]) == "Hello there."
     assert encode_response(tokenizer, "Hello there.", finished=False) == response[:-1]
+
+
+def test_encode_row_marks_a_response_cut_to_the_window_unfinished(real_model_dir):
+    tokenizer = load_tokenizer(real_model_dir)
+    messages = [{"role": "user", "content": "hi"}]
+    prompt, response, finished, dropped, cut = encode_row(tokenizer, messages, "word " * 50, 20)
+    assert not finished and cut > 0 and len(prompt) == 1 and len(prompt) + len(response) == 20
+    assert response[-1] != tokenizer.eos_token_id
+    prompt, response, finished, dropped, cut = encode_row(tokenizer, messages, "Hello.", 200, system_prompt="Be brief.")
+    assert finished and (dropped, cut) == (0, 0) and response == encode_response(tokenizer, "Hello.")
+    assert prompt == encode_prompt(tokenizer, messages, "Be brief.")
