@@ -31,6 +31,8 @@ from pipeline.reward_api import AuthConfig, LimitsConfig, is_loopback, read_toke
 class HttpConfig:
     host: str = opt("127.0.0.1", "address Serve's HTTP proxy binds; anything but loopback needs an auth token")
     port: int = opt(8000, "HTTP port (Serve's default)")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = opt(
+        "EveryNode", "where Serve runs its HTTP proxies (Serve's default: every node, so any node's address serves)")
 
 
 @dataclasses.dataclass
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> str:
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it like Ctrl-C
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     try:
-        serve.start(http_options={"host": cfg.http.host, "port": cfg.http.port,
+        serve.start(proxy_location=cfg.http.proxy_location,
+                    http_options={"host": cfg.http.host, "port": cfg.http.port,
                                   "request_timeout_s": cfg.limits.request_timeout_s + 30})  # a backstop behind ours
         try:
             serve.run(make_app(cfg, token, replica_cpus(cfg)), name=cfg.app_name, route_prefix="/")
