@@ -21,7 +21,7 @@ from actors.placement import bundle, gpus_for, in_bundle, node_of, reserve
 from actors.remote_reward import RemoteRewardActor
 from actors.rollout import start_rollout_engines
 from actors.sentence_rm import SentenceRMActor
-from pipeline.arrow import ragged_to_numpy
+from pipeline.arrow import parquet_bytes, ragged_to_numpy
 from pipeline.experience import build_experience
 from pipeline.rollout import logprob_parity
 from pipeline.runlog import MARKER
@@ -147,10 +147,14 @@ class RLWorkers:
         engine_logp = ray.get(self.engines[0].token_logprobs.remote(prompts, responses))
         return logprob_parity(engine_logp, self.learner.logprobs(probe, temperature=1.0))
 
-    def heldout_reward(self, prompts: pa.Table, seed: int) -> dict:
+    def heldout_reward(self, prompts: pa.Table, seed: int, save_as: str = "") -> dict:
         """Samples of the held-out prompts from the current policy, scored like training rollouts. The seed is
-        the same at every evaluation, so successive evaluations differ by the policy, not by the noise."""
+        the same at every evaluation, so successive evaluations differ by the policy, not by the noise. The
+        samples (token ids, reward) go to `save_as` in the run's storage, for judging the policy afterwards."""
         scored = ray.get(self.score(self.generate(prompts, seed=seed, n_samples=self.cfg.heldout_samples)))
+        if save_as:
+            kept = [c for c in ("prompt_id", "prompt_ids", "response_ids", "finished", "reward") if c in scored.column_names]
+            Storage(self.cfg.storage).write_bytes(save_as, parquet_bytes(scored.select(kept)))
         lengths = [len(r) for r in ragged_to_numpy(scored["response_ids"])]
         metrics = {"heldout/reward": float(np.mean(scored["reward"].to_numpy())),
                    "heldout/response_length": float(np.mean(lengths))}

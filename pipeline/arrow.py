@@ -5,8 +5,11 @@ slices of the column's flat values buffer and written back from one flat buffer 
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 TOKENS = pa.list_(pa.int32())
@@ -87,3 +90,14 @@ EXPERIENCE_FIELDS = [
     ("advantages", FLOATS),
     ("returns", FLOATS),
 ]
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the bytes of a Parquet file (for Storage.write_bytes); read back with read_parquet_bytes."""
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    return sink.getvalue()
+
+
+def read_parquet_bytes(data: bytes) -> pa.Table:
+    return pq.read_table(io.BytesIO(data))

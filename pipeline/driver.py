@@ -65,6 +65,11 @@ def check_sync(workers, cfg) -> float:
     return diff
 
 
+def heldout_file(step: int) -> str:
+    """Where the held-out samples of the evaluation after `step` go, in the run's storage."""
+    return f"heldout/step_{step:06d}.parquet"
+
+
 class Workers(Protocol):
     """What the loop needs from the cluster (implemented by actors.groups.RLWorkers)."""
 
@@ -75,7 +80,7 @@ class Workers(Protocol):
     def train(self, experience_ref) -> dict: ...                                # policy (+ critic) update metrics
     def sync_weights(self) -> float: ...                                        # learners -> every rollout engine
     def check_sync(self) -> float: ...                                         # max |logp_engine - logp_learner|
-    def heldout_reward(self, prompts: pa.Table, seed: int) -> dict: ...         # mean reward of held-out samples
+    def heldout_reward(self, prompts: pa.Table, seed: int, save_as: str) -> dict: ...  # mean reward of held-out samples
     def save(self, path: str, state: dict) -> None: ...
 
 
@@ -84,7 +89,7 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
     if start_step > 0:
         workers.sync_weights()  # resumed: the engines start from the checkpoint's policy
     elif cfg.eval_every:
-        log.write(0, workers.heldout_reward(heldout_prompts, seed=cfg.seed))  # the baseline before any update
+        log.write(0, workers.heldout_reward(heldout_prompts, seed=cfg.seed, save_as=heldout_file(0)))  # before any update
     for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="rl", unit="step"):
         timer, metrics = PhaseTimer(), {}
         batch = prompt_batch(train_prompts, step, cfg.prompts_per_step, cfg.seed)
@@ -105,7 +110,7 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
                 metrics["sync/max_logprob_diff"] = check_sync(workers, cfg)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             with timer("eval"):
-                metrics.update(workers.heldout_reward(heldout_prompts, seed=cfg.seed))
+                metrics.update(workers.heldout_reward(heldout_prompts, seed=cfg.seed, save_as=heldout_file(step + 1)))
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             with timer("checkpoint"):
                 workers.save(log.checkpoint_dir(step + 1), {"step": step + 1})

@@ -53,6 +53,12 @@ def test_one_step_changes_weights_and_reaches_the_engine(tmp_path, tiny_model_di
     assert step["sync/max_logprob_diff"] < 1e-3
     for phase in ("rollout", "score", "experience", "train", "sync"):
         assert step[f"time/{phase}"] > 0
+    # the held-out samples of each evaluation are kept for judging the policy afterwards
+    from pipeline.arrow import read_parquet_bytes
+    for evaluated in (0, 1):
+        samples = read_parquet_bytes((tmp_path / f"heldout/step_{evaluated:06d}.parquet").read_bytes())
+        assert samples.num_rows == 2 * cfg.heldout_samples and samples.column_names[:3] == ["prompt_id", "prompt_ids", "response_ids"]
+        assert np.mean(samples["reward"].to_numpy()) == pytest.approx(read_metrics(tmp_path / "metrics.jsonl")[evaluated]["heldout/reward"])
 
 
 def test_resume_reproduces_the_next_step(tmp_path, tiny_model_dir, local_ray):

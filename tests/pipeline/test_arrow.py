@@ -2,7 +2,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.arrow import numpy_to_ragged, padded_to_ragged, ragged_to_numpy, ragged_to_padded, request_table
+from pipeline.arrow import (numpy_to_ragged, padded_to_ragged, parquet_bytes, ragged_to_numpy, ragged_to_padded,
+                            read_parquet_bytes, request_table)
 
 
 def test_ragged_round_trip_including_empty_rows_and_sliced_columns():
@@ -26,3 +27,9 @@ def test_request_table_schema_and_extra_columns():
     table = request_table([[1, 2]], [[3]], [False], tag=pa.array(["x"]))
     assert table.schema.field("prompt_ids").type == pa.list_(pa.int32())
     assert table.column_names == ["prompt_ids", "response_ids", "finished", "tag"]
+
+
+def test_parquet_bytes_round_trip_keeps_ragged_columns():
+    table = pa.table({"prompt_id": ["a", "b"], "response_ids": numpy_to_ragged([np.array([1, 2]), np.array([3])], pa.int32()),
+                      "reward": pa.array([0.5, -1.0], pa.float32())})
+    assert read_parquet_bytes(parquet_bytes(table)).equals(table)

@@ -60,8 +60,8 @@ class FakeWorkers:
         self.calls.append(("check_sync",))
         return 0.0
 
-    def heldout_reward(self, prompts, seed):
-        self.calls.append(("eval",))
+    def heldout_reward(self, prompts, seed, save_as):
+        self.calls.append(("eval", save_as))
         return {"heldout/reward": 2.0}
 
     def save(self, path, state):
@@ -86,7 +86,7 @@ def test_loop_order_cadence_and_timings():
     names = [c[0] for c in workers.calls]
     assert names[:7] == ["eval", "generate", "score", "experience", "train", "sync", "generate"]
     assert names.count("train") == 4 and names.count("sync") == 4
-    assert names.count("eval") == 1 + 2  # before any update, then after steps 2 and 4
+    assert [c[1] for c in workers.calls if c[0] == "eval"] == [f"heldout/step_{s:06d}.parquet" for s in (0, 2, 4)]
     assert names.count("check_sync") == 2
     assert [c for c in workers.calls if c[0] == "save"] == [("save", 3), ("save", 4)]
     assert [step for step, _ in log.rows] == [0, 1, 2, 3, 4]
