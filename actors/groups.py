@@ -25,6 +25,7 @@ from pipeline.arrow import parquet_bytes, ragged_to_numpy
 from pipeline.experience import build_experience
 from pipeline.rollout import logprob_parity
 from pipeline.runlog import MARKER
+from pipeline.seeds import HELDOUT, prompt_seeds
 from pipeline.storage import Storage
 
 
@@ -100,11 +101,13 @@ class RLWorkers:
             roles["critic_learners"] = self.critic.actors
         return {role: ray.get([node_of(actor) for actor in actors]) for role, actors in roles.items()}
 
-    def generate(self, prompts: pa.Table, seed: int, n_samples: int) -> list:
-        """Prompts split across engines in contiguous shards (a prompt's samples stay together)."""
+    def generate(self, prompts: pa.Table, step: int | str, n_samples: int) -> list:
+        """Prompts split across engines in contiguous shards (a prompt's samples stay together). Every sample has
+        its own seed, hashed from (run seed, step, prompt id, sample index): the rollout does not depend on the split."""
+        seeds = prompt_seeds(self.cfg.seed, step, prompts["prompt_id"].to_pylist(), n_samples)
         shards = np.array_split(np.arange(prompts.num_rows), len(self.engines))
-        refs = [engine.generate.remote(prompts.take(idx), n_samples=n_samples, seed=seed + 7919 * i)
-                for i, (engine, idx) in enumerate(zip(self.engines, shards)) if len(idx)]
+        refs = [engine.generate.remote(prompts.take(idx), n_samples=n_samples, seeds=[seeds[i] for i in idx])
+                for engine, idx in zip(self.engines, shards) if len(idx)]
         return wait(refs)
 
     def score(self, rollout_refs: list) -> ray.ObjectRef:
@@ -147,11 +150,11 @@ class RLWorkers:
         engine_logp = ray.get(self.engines[0].token_logprobs.remote(prompts, responses))
         return logprob_parity(engine_logp, self.learner.logprobs(probe, temperature=1.0))
 
-    def heldout_reward(self, prompts: pa.Table, seed: int, save_as: str = "") -> dict:
+    def heldout_reward(self, prompts: pa.Table, save_as: str = "") -> dict:
         """Samples of the held-out prompts from the current policy, scored like training rollouts. The seed is
-        the same at every evaluation, so successive evaluations differ by the policy, not by the noise. The
+        domain (pipeline.seeds.HELDOUT) is the same at every evaluation, so successive evaluations differ by the policy, not by the noise. The
         samples (token ids, reward) go to `save_as` in the run's storage, for judging the policy afterwards."""
-        scored = ray.get(self.score(self.generate(prompts, seed=seed, n_samples=self.cfg.heldout_samples)))
+        scored = ray.get(self.score(self.generate(prompts, step=HELDOUT, n_samples=self.cfg.heldout_samples)))
         if save_as:
             kept = [c for c in ("prompt_id", "prompt_ids", "response_ids", "finished", "reward") if c in scored.column_names]
             Storage(self.cfg.storage).write_bytes(save_as, parquet_bytes(scored.select(kept)))

@@ -48,10 +48,13 @@ class RolloutEngine:
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
 
-    def generate(self, prompts: pa.Table, n_samples: int | None = None, seed: int | None = None) -> pa.Table:
+    def generate(self, prompts: pa.Table, n_samples: int | None = None, seed: int | None = None,
+                 seeds: list[list[int]] | None = None) -> pa.Table:
         """Rows with prompt_id (string) and prompt_ids (list<int32>) -> ROLLOUT_SCHEMA, n_samples rows per prompt.
 
-        With `seed`, prompt i is sampled with seed + i: the rollout is then a function of the weights and the seed.
+        With `seeds` (one list of n_samples seeds per prompt, pipeline.seeds.prompt_seeds), every sample is its own
+        n=1 request with its own seed: a sample is then a function of the weights and its seed alone, whatever the
+        other prompts of the shard. With `seed`, prompt i is sampled (n at once) with seed + i.
         """
         prompt_ids = [ids.tolist() for ids in ragged_to_numpy(prompts["prompt_ids"])]
         prompt_id_list = prompts["prompt_id"].to_pylist()
@@ -59,12 +62,24 @@ class RolloutEngine:
         if bad:
             raise ValueError(f"prompts {bad[:5]} are empty or longer than rollout.max_prompt_tokens="
                              f"{self.cfg.max_prompt_tokens}. Fix: raise --rollout.max_prompt_tokens or filter them")
+        if seeds is not None:
+            return self.generate_per_sample(prompt_ids, prompt_id_list, seeds)
         sampling = self.sampling if n_samples is None and seed is None else [
             self.make_sampling(**sampling_params_kwargs(self.cfg, n_samples, None if seed is None else seed + i))
             for i in range(len(prompt_ids))]
         outputs = self.llm.generate([self.make_prompt(prompt_token_ids=ids) for ids in prompt_ids], sampling,
                                     use_tqdm=False)
         return outputs_to_rollout_table(prompt_ids, prompt_id_list, outputs, self.eos_token_id)
+
+    def generate_per_sample(self, prompt_ids: list, prompt_id_list: list[str], seeds: list[list[int]]) -> pa.Table:
+        """One n=1 request per (prompt, sample) with its own seed; rows prompt by prompt, samples in order."""
+        if len(seeds) != len(prompt_ids):
+            raise ValueError(f"got {len(seeds)} seed lists for {len(prompt_ids)} prompts; pass one list per prompt")
+        flat = [(ids, pid, s) for ids, pid, per_prompt in zip(prompt_ids, prompt_id_list, seeds) for s in per_prompt]
+        sampling = [self.make_sampling(**sampling_params_kwargs(self.cfg, 1, s)) for _, _, s in flat]
+        outputs = self.llm.generate([self.make_prompt(prompt_token_ids=ids) for ids, _, _ in flat], sampling,
+                                    use_tqdm=False)
+        return outputs_to_rollout_table([f[0] for f in flat], [f[1] for f in flat], outputs, self.eos_token_id)
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> float:
         """Copy a full Hugging Face-named state dict into the running engine, in memory; returns seconds taken."""

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline.arrow import numpy_to_ragged
 from pipeline.chat import encode_prompt
+from pipeline.seeds import epoch_seed
 
 
 class PhaseTimer:
@@ -51,7 +52,7 @@ def prompt_batch(prompts: pa.Table, step: int, batch_size: int, seed: int) -> pa
     """The prompts of `step`: a fresh seeded shuffle each epoch, so the data position is just the step number."""
     per_epoch = prompts.num_rows // batch_size
     epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng(seed + epoch).permutation(prompts.num_rows)
+    order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(prompts.num_rows)
     return prompts.take(order[index * batch_size:(index + 1) * batch_size])
 
 
@@ -73,14 +74,14 @@ def heldout_file(step: int) -> str:
 class Workers(Protocol):
     """What the loop needs from the cluster (implemented by actors.groups.RLWorkers)."""
 
-    def generate(self, prompts: pa.Table, seed: int, n_samples: int): ...        # -> rollout refs
+    def generate(self, prompts: pa.Table, step: int | str, n_samples: int): ...  # -> rollout refs; seeds from step
     def score(self, rollout_refs): ...                                          # -> scored refs (+ ref logprobs)
     def values(self, scored_refs): ...                                          # -> value refs or None (no critic)
     def make_experience(self, scored_refs, value_refs): ...                     # -> (experience ref, metrics)
     def train(self, experience_ref) -> dict: ...                                # policy (+ critic) update metrics
     def sync_weights(self) -> float: ...                                        # learners -> every rollout engine
     def check_sync(self) -> float: ...                                         # max |logp_engine - logp_learner|
-    def heldout_reward(self, prompts: pa.Table, seed: int, save_as: str) -> dict: ...  # mean reward of held-out samples
+    def heldout_reward(self, prompts: pa.Table, save_as: str) -> dict: ...  # mean reward of held-out samples
     def save(self, path: str, state: dict) -> None: ...
 
 
@@ -89,12 +90,12 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
     if start_step > 0:
         workers.sync_weights()  # resumed: the engines start from the checkpoint's policy
     elif cfg.eval_every:
-        log.write(0, workers.heldout_reward(heldout_prompts, seed=cfg.seed, save_as=heldout_file(0)))  # before any update
+        log.write(0, workers.heldout_reward(heldout_prompts, save_as=heldout_file(0)))  # before any update
     for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="rl", unit="step"):
         timer, metrics = PhaseTimer(), {}
         batch = prompt_batch(train_prompts, step, cfg.prompts_per_step, cfg.seed)
         with timer("rollout"):
-            rollouts = workers.generate(batch, seed=cfg.seed * 1_000_003 + step, n_samples=cfg.rollout.n_samples)
+            rollouts = workers.generate(batch, step=step, n_samples=cfg.rollout.n_samples)
         with timer("score"):
             scored = workers.score(rollouts)
         with timer("values"):
@@ -110,7 +111,7 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
                 metrics["sync/max_logprob_diff"] = check_sync(workers, cfg)
         if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
             with timer("eval"):
-                metrics.update(workers.heldout_reward(heldout_prompts, seed=cfg.seed, save_as=heldout_file(step + 1)))
+                metrics.update(workers.heldout_reward(heldout_prompts, save_as=heldout_file(step + 1)))
         if cfg.checkpoint_every and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             with timer("checkpoint"):
                 workers.save(log.checkpoint_dir(step + 1), {"step": step + 1})

@@ -178,3 +178,16 @@ def test_rollout_actor_through_ray(local_ray, prompts, tiny_model_dir, new_model
     finally:
         local_ray.kill(actor)
         remove_placement_group(group)
+
+
+@pytest.mark.slow
+def test_per_sample_seeds_give_the_same_rollout_whatever_the_split(engine, prompts):
+    """One engine call with all prompts == two calls (two engines' shards) concatenated: each sample has its own seed."""
+    from pipeline.seeds import prompt_seeds
+    seeds = prompt_seeds(0, 3, prompts["prompt_id"].to_pylist(), 2)
+    whole = engine.generate(prompts, n_samples=2, seeds=seeds)
+    half = prompts.num_rows // 2
+    split = pa.concat_tables([engine.generate(prompts.slice(0, half), n_samples=2, seeds=seeds[:half]),
+                              engine.generate(prompts.slice(half), n_samples=2, seeds=seeds[half:])])
+    assert whole.num_rows == 2 * prompts.num_rows and whole.equals(split)
+    assert whole["prompt_id"].to_pylist() == [pid for pid in prompts["prompt_id"].to_pylist() for _ in range(2)]

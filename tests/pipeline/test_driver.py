@@ -33,8 +33,9 @@ class FakeWorkers:
     def __init__(self):
         self.calls = []
 
-    def generate(self, prompts, seed, n_samples):
+    def generate(self, prompts, step, n_samples):
         self.calls.append(("generate", prompts.num_rows, n_samples))
+        self.steps = getattr(self, "steps", []) + [step]
         return "rollouts"
 
     def score(self, refs):
@@ -60,7 +61,7 @@ class FakeWorkers:
         self.calls.append(("check_sync",))
         return 0.0
 
-    def heldout_reward(self, prompts, seed, save_as):
+    def heldout_reward(self, prompts, save_as):
         self.calls.append(("eval", save_as))
         return {"heldout/reward": 2.0}
 
@@ -130,3 +131,18 @@ def test_a_sync_that_did_not_arrive_stops_the_run():
     with pytest.raises(RuntimeError, match="tolerance 0.5"):
         rl_loop(bf16, Stale(), pa.table({"prompt_id": ["a", "b"], "prompt_ids": [[1], [2]]}),
                 pa.table({"prompt_id": ["c"], "prompt_ids": [[3]]}), Log())
+
+
+def test_prompt_order_seeds_do_not_shift_with_the_run_seed():
+    """Old scheme: rng(seed + epoch), so run seed 1's epoch 0 was run seed 0's epoch 1."""
+    prompts = builtin_prompts()
+    per_epoch = prompts.num_rows // 8
+    seed1_epoch0 = prompt_batch(prompts, 0, 8, seed=1)["prompt_id"].to_pylist()
+    seed0_epoch1 = prompt_batch(prompts, per_epoch, 8, seed=0)["prompt_id"].to_pylist()
+    assert seed1_epoch0 != seed0_epoch1
+
+
+def test_loop_passes_the_step_as_the_seed_domain():
+    workers, log = FakeWorkers(), Log()
+    rl_loop(LoopConfig(), workers, builtin_prompts(), builtin_prompts(), log)
+    assert workers.steps == list(range(LoopConfig().steps))
