@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from pipeline.storage import Storage
 
 CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
 MARKER = "driver_state.json"  # written last, by the driver: a checkpoint without it is incomplete
 
 
@@ -27,16 +29,27 @@ class RunLog:
         self.storage.write_text("config.yaml", config_yaml)
         self.local_dir = self.storage.path() if self.storage.is_local else tempfile.mkdtemp(prefix="endorl-runlog-")
         self.tensorboard = SummaryWriter(f"{self.local_dir}/tensorboard", purge_step=resume_step or None)
-        kept = [row for row in self.history() if row["step"] <= resume_step] if resume_step else []
-        self.lines = [json.dumps(row) + "\n" for row in kept]  # rows past the checkpoint are redone by the resumed run
-        self.storage.write_text("metrics.jsonl", "".join(self.lines))
+        # metrics.jsonl is appended, never rewritten on local storage: a kill -9 can tear only the last line.
+        # A resume appends {"resumed_from": step}; history() drops the rows past it (the resumed run redoes them).
+        old = self.storage.read_text(METRICS) if resume_step and self.storage.exists(METRICS) else ""
+        if old and not old.endswith("\n"):
+            old += "\n"  # a torn last line (killed mid-write) ends here; the next record starts on its own line
+        self.text = old + (json.dumps({"resumed_from": resume_step}) + "\n" if resume_step else "")
+        self.storage.write_text(METRICS, self.text)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
             self.tensorboard.add_scalar(name, value, step)
         self.tensorboard.flush()
-        self.lines.append(json.dumps({"step": step, **metrics}) + "\n")
-        self.storage.write_text("metrics.jsonl", "".join(self.lines))
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.storage.is_local:  # append + fsync: the line is on disk before the next step starts
+            with open(self.storage.path(METRICS), "a") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+        else:  # object storage cannot append: an atomic rewrite of the whole file
+            self.text += line
+            self.storage.write_text(METRICS, self.text)
         if not self.storage.is_local:
             self.storage.upload(f"{self.local_dir}/tensorboard", "tensorboard")
 
@@ -50,15 +63,34 @@ class RunLog:
         return relative
 
     def history(self) -> list[dict]:
-        if not self.storage.exists("metrics.jsonl"):
-            return []
-        return [json.loads(line) for line in self.storage.read_text("metrics.jsonl").splitlines() if line.strip()]
+        """The metric rows as the (last) resumed run sees them."""
+        return metrics_history(self.storage.read_text(METRICS)) if self.storage.exists(METRICS) else []
 
     def close(self) -> None:
         self.tensorboard.close()
         if not self.storage.is_local:
             self.storage.upload(f"{self.local_dir}/tensorboard", "tensorboard")
             shutil.rmtree(self.local_dir, ignore_errors=True)
+
+
+def metrics_history(text: str) -> list[dict]:
+    """Rows of a metrics.jsonl: a {"resumed_from": s} record drops the rows of steps > s written before it; a torn
+    line (a kill -9 mid-write: the last line, or the line before a resume marker) is skipped."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            following = lines[number + 1] if number + 1 < len(lines) else None
+            if following is None or following.startswith('{"resumed_from"'):
+                continue  # torn by a kill; the resumed run redoes that step
+            raise ValueError(f"{METRICS} line {number + 1} is not JSON ({line[:60]!r}); fix or delete that line")
+        if "resumed_from" in record:
+            rows = [row for row in rows if row["step"] <= record["resumed_from"]]
+        else:
+            rows.append(record)
+    return rows
 
 
 def latest_checkpoint(location: str) -> tuple[str, int] | None:

@@ -42,3 +42,36 @@ def test_latest_checkpoint_needs_the_driver_state_and_plot_writes_png(location):
     log.write(2, {"heldout/reward": 2.0, "reward/sentence_rm": 0.3})  # a second reward source gets its own panel
     assert "sentence-RM score R (per response)" in plot_curves(log.history(), log.storage)
     log.close()
+
+
+def test_local_metrics_are_appended_not_rewritten(tmp_path):
+    log = RunLog(str(tmp_path / "run"), "a: 1\n")
+    log.write(0, {"x": 0.0})
+    path = log.storage.path("metrics.jsonl")
+    inode = __import__("os").stat(path).st_ino
+    log.write(1, {"x": 1.0})
+    assert __import__("os").stat(path).st_ino == inode  # same file, appended (a rewrite renames a new file in)
+    assert open(path).read().splitlines() == [json.dumps({"step": 0, "x": 0.0}), json.dumps({"step": 1, "x": 1.0})]
+    log.close()
+
+
+def test_resume_marker_and_torn_last_line(location):
+    log = RunLog(location, "a: 1\n")
+    for step in range(4):
+        log.write(step, {"x": float(step)})
+    log.close()
+    text = log.storage.read_text("metrics.jsonl")
+    log.storage.write_text("metrics.jsonl", text + '{"step": 4, "x": 4')  # kill -9 in the middle of a line
+    resumed = RunLog(location, "a: 1\n", resume_step=2)
+    resumed.write(3, {"x": 30.0})
+    resumed.close()
+    lines = resumed.storage.read_text("metrics.jsonl").splitlines()
+    assert lines[:4] == text.splitlines()  # nothing written before the resume is lost
+    assert lines[4] == '{"step": 4, "x": 4' and json.loads(lines[5]) == {"resumed_from": 2}  # marker on a new line
+    assert [(r["step"], r["x"]) for r in resumed.history()] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_a_corrupt_line_in_the_middle_is_a_clear_error():
+    from pipeline.runlog import metrics_history
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        metrics_history('garbage\n{"step": 0}\n')
