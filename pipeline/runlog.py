@@ -101,10 +101,26 @@ def latest_checkpoint(location: str) -> tuple[str, int] | None:
         match = re.fullmatch(r"step_(\d+)", name)
         if match and storage.exists(f"{CHECKPOINTS}/{name}/{MARKER}"):
             found.append((int(match.group(1)), f"{CHECKPOINTS}/{name}"))
-    if not found:
-        return None
-    step, path = max(found)
-    return path, step
+    for step, path in sorted(found, reverse=True):  # newest first; a torn or foreign marker is skipped, said so
+        problem = marker_problem(storage, path, step)
+        if problem is None:
+            return path, step
+        print(f"checkpoint {storage.location_of(path)} skipped: {problem}; falling back to the previous one", flush=True)
+    return None
+
+
+def marker_problem(storage: Storage, path: str, step: int) -> str | None:
+    """Why `path`'s marker does not mark a complete checkpoint of `step` (None: it does)."""
+    text = storage.read_text(f"{path}/{MARKER}")
+    try:
+        state = json.loads(text)
+    except json.JSONDecodeError:
+        return f"{MARKER} is not JSON ({text[:40]!r}: torn or corrupt)"
+    if not isinstance(state, dict) or type(state.get("step")) is not int:
+        return f"{MARKER} has no integer 'step' ({text[:40]!r})"
+    if state["step"] != step:
+        return f"{MARKER} says step {state['step']}, the folder step {step}"
+    return None
 
 
 PANELS = [  # (title, metrics): one panel each; a panel none of whose metrics were logged is left out

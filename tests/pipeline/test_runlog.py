@@ -75,3 +75,17 @@ def test_a_corrupt_line_in_the_middle_is_a_clear_error():
     from pipeline.runlog import metrics_history
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         metrics_history('garbage\n{"step": 0}\n')
+
+
+@pytest.mark.parametrize("marker", ['{"step": 3', "", '{"step": "3"}', '{"step": 5}', "[3]"])
+def test_a_torn_or_invalid_newest_marker_falls_back_to_the_previous_checkpoint(tmp_path, capsys, marker):
+    log = RunLog(str(tmp_path / "run"), "a: 1\n")
+    for step in (2, 3):
+        log.checkpoint_dir(step)
+    log.storage.write_text("checkpoints/step_000002/driver_state.json", json.dumps({"step": 2}))
+    log.storage.write_text("checkpoints/step_000003/driver_state.json", marker)
+    assert latest_checkpoint(log.dir) == ("checkpoints/step_000002", 2)
+    assert "checkpoints/step_000003 skipped" in capsys.readouterr().out
+    log.storage.write_text("checkpoints/step_000002/driver_state.json", marker)  # no complete one left
+    assert latest_checkpoint(log.dir) is None
+    log.close()
