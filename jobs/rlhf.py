@@ -17,7 +17,7 @@ from typing import Literal
 
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
 from actors.placement import PlacementConfig
-from pipeline.config import opt, parse_config, to_yaml
+from pipeline.config import opt, parse_config, to_dict, to_yaml
 from pipeline.data import builtin_prompts, load_prompts, split_prompts
 from pipeline.driver import rl_loop, tokenize_prompts
 from pipeline.remote_reward import RLRewardConfig
@@ -26,6 +26,7 @@ from pipeline.experience import AdvantageConfig
 from pipeline.models import ModelConfig, open_model
 from pipeline.policy import LearnerConfig
 from pipeline.rollout import RolloutConfig
+from pipeline.resume import check_resume_config
 from pipeline.runlog import RunLog, latest_checkpoint, plot_curves
 from pipeline.sentence_rm import CONFIG_FILE
 from pipeline.storage import Storage, check_location
@@ -43,7 +44,11 @@ class RLConfig:
     storage: str = opt("runs/rlhf", "the run's folder: tensorboard/, metrics.jsonl, nodes.json, checkpoints/ (every "
                                     "learner rank writes its shard here), curves.png, config.yaml. A local folder in "
                                     "local mode; on a cluster an absolute path every node mounts, or s3:// / gs://")
-    resume: bool = opt(False, "continue from the newest complete checkpoint in --storage")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --storage (a torn newest one is "
+                              "skipped with a message); refused if the config differs from the checkpoint's in "
+                              "what the run computes, unless --resume_force names the fields")
+    resume_force: list[str] = opt(help="with --resume: dotted config fields allowed to differ from the checkpoint's, "
+                                       "e.g. steps,rollout.engines (the change is then intended)", factory=list)
     checkpoint_every: int = opt(10, "save a checkpoint every K steps (and at the end); 0 = never")
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
@@ -99,6 +104,18 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
                          f"Fix: train one with jobs.train_rm and pass its final folder, on storage every node mounts.")
 
 
+def check_resume(cfg: RLConfig, checkpoint: str) -> None:
+    """Before any actor starts: the new config against the one saved with the checkpoint (pipeline/resume.py)."""
+    storage = Storage(cfg.storage)
+    if not storage.exists(f"{checkpoint}/config.yaml"):
+        print(f"--resume: {storage.location_of(checkpoint)} holds no config.yaml; the config is not compared", flush=True)
+        return
+    forced = check_resume_config(storage.read_text(f"{checkpoint}/config.yaml"), to_dict(cfg), cfg.resume_force,
+                                 storage.location_of(checkpoint))
+    if forced:
+        print(f"--resume: continuing with the intended changes to {', '.join(forced)} (--resume_force)", flush=True)
+
+
 def main(argv: list[str] | None = None) -> str:
     cfg = parse_config(RLConfig, argv, __doc__)
     if cfg.local:
@@ -122,6 +139,8 @@ def main(argv: list[str] | None = None) -> str:
     if cfg.resume and resume is None:
         raise SystemExit(f"--resume: no complete checkpoint under {cfg.storage}/checkpoints. Fix: drop --resume or fix --storage.")
     cfg.learner.total_steps = cfg.learner.total_steps or cfg.steps * cfg.learner.ppo_epochs
+    if resume:
+        check_resume(cfg, resume[0])
 
     init_ray(cfg.ray, cfg.model.device)
     from actors.groups import RLWorkers  # imports vLLM/DeepSpeed wrappers only once the config is known good

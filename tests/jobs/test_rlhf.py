@@ -67,3 +67,22 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     # regression: jobs.rlhf let ModelNotFoundError escape as a traceback
     with pytest.raises(SystemExit, match="--model.name: model path .* does not exist"):
         rlhf.main(["--local", "--model.name", str(tmp_path / "no_model")])
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, tiny_model_dir):
+    from pipeline.config import parse_config, to_yaml
+    run = tmp_path / "run"
+    base = ["--local", "--model.name", tiny_model_dir, "--storage", str(run), "--steps", "4"]
+    saved = parse_config(rlhf.RLConfig, base)
+    saved.learner.total_steps = saved.steps * saved.learner.ppo_epochs  # as main() saves it
+    checkpoint = run / "checkpoints" / "step_000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.yaml").write_text(to_yaml(saved))
+    (checkpoint / "driver_state.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(SystemExit, match=r"steps: 4 -> 6(.|\n)*rollout.engines: 1 -> 2(.|\n)*--resume_force"):
+        rlhf.main([*base[:-1], "6", "--rollout.engines", "2", "--resume"])
+    with pytest.raises(AssertionError, match="started Ray"):  # only a free field changed: past the check, to Ray
+        rlhf.main([*base, "--resume", "--checkpoint_every", "1"])
+    with pytest.raises(AssertionError, match="started Ray"):  # every difference named: the resume goes on
+        rlhf.main([*base[:-1], "6", "--rollout.engines", "2", "--resume",
+                   "--resume_force", "steps,learner.total_steps,rollout.engines"])
