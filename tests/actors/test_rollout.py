@@ -189,5 +189,12 @@ def test_per_sample_seeds_give_the_same_rollout_whatever_the_split(engine, promp
     half = prompts.num_rows // 2
     split = pa.concat_tables([engine.generate(prompts.slice(0, half), n_samples=2, seeds=seeds[:half]),
                               engine.generate(prompts.slice(half), n_samples=2, seeds=seeds[half:])])
-    assert whole.num_rows == 2 * prompts.num_rows and whole.equals(split)
+    assert whole.num_rows == 2 * prompts.num_rows
+    # the samples are the same: every column equal, the sampled tokens included ...
+    assert whole.drop_columns(["sample_logprobs"]).equals(split.drop_columns(["sample_logprobs"]))
+    # ... but their log-probs only to float noise (measured ~1e-6): the CPU kernels' reductions depend on the
+    # batch's composition (not batch-invariant), so a different split sums in a different order
+    a, b = (np.concatenate(ragged_to_numpy(t["sample_logprobs"])) for t in (whole, split))
+    print("max |logprob diff| 1 vs 2 shards:", float(np.max(np.abs(a - b))))
+    np.testing.assert_allclose(a, b, atol=1e-4)
     assert whole["prompt_id"].to_pylist() == [pid for pid in prompts["prompt_id"].to_pylist() for _ in range(2)]
