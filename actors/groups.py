@@ -44,10 +44,20 @@ class BatchOps:
         return build_experience(scored, cfg, group_size, kl_coef, kl_in_reward, values)
 
 
-def wait(refs: list) -> list:
-    """Block until every ref is computed, without copying the results to the driver."""
-    ray.wait(refs, num_returns=len(refs), fetch_local=False)
+def wait(refs: list, what: str, timeout_s: float) -> list:
+    """Block until every ref is computed, without copying the results to the driver; a wedged actor is a
+    TimeoutError naming the phase after `timeout_s` seconds, never a hang."""
+    done, pending = ray.wait(refs, num_returns=len(refs), fetch_local=False, timeout=timeout_s)
+    if pending:
+        raise TimeoutError(f"{what}: {len(pending)} of {len(refs)} calls not done after {timeout_s:g} s (an actor is "
+                           f"wedged or dead). Fix: look at that actor's log; raise --wait_timeout_s if it is just slow")
     return refs
+
+
+def get(refs, what: str, timeout_s: float):
+    """ray.get with `wait`'s timeout and message."""
+    wait(refs if isinstance(refs, list) else [refs], what, timeout_s)
+    return ray.get(refs)
 
 
 class RLWorkers:
@@ -86,7 +96,7 @@ class RLWorkers:
                 self.critic = LearnerGroup(model, cfg.model, cfg.learner, role="critic", placement=cfg.placement)
             self.batch_ops = BatchOps.options(scheduling_strategy=in_bundle(self.learner.placement, 0)).remote()
             actors = self.scorers + self.engines + [a for a in (self.sentence_rm, self.batch_ops, self.remote_reward) if a]
-            wait([actor.__ray_ready__.remote() for actor in actors])
+            wait([actor.__ray_ready__.remote() for actor in actors], "starting actors", cfg.wait_timeout_s)
         except Exception:
             self.shutdown()
             raise
@@ -99,7 +109,8 @@ class RLWorkers:
             roles["sentence_rm"] = [self.sentence_rm]
         if self.critic:
             roles["critic_learners"] = self.critic.actors
-        return {role: ray.get([node_of(actor) for actor in actors]) for role, actors in roles.items()}
+        return {role: get([node_of(actor) for actor in actors], "nodes", self.cfg.wait_timeout_s)
+                for role, actors in roles.items()}
 
     def generate(self, prompts: pa.Table, step: int | str, n_samples: int) -> list:
         """Prompts split across engines in contiguous shards (a prompt's samples stay together). Every sample has
@@ -108,7 +119,7 @@ class RLWorkers:
         shards = np.array_split(np.arange(prompts.num_rows), len(self.engines))
         refs = [engine.generate.remote(prompts.take(idx), n_samples=n_samples, seeds=[seeds[i] for i in idx])
                 for engine, idx in zip(self.engines, shards) if len(idx)]
-        return wait(refs)
+        return wait(refs, f"rollout ({len(refs)} engine calls)", self.cfg.wait_timeout_s)
 
     def score(self, rollout_refs: list) -> ray.ObjectRef:
         """Endogenous rewards + reference log-probs (one forward pass) per shard, then the sentence RM's dense
@@ -118,7 +129,7 @@ class RLWorkers:
             scored = [self.remote_reward.score.remote(ref) for ref in scored]
         if self.sentence_rm:
             scored = [self.sentence_rm.score.remote(ref) for ref in scored]
-        return wait([self.batch_ops.concat.remote(*scored)])[0]
+        return wait([self.batch_ops.concat.remote(*scored)], "score", self.cfg.wait_timeout_s)[0]
 
     def values(self, scored_ref) -> list | None:
         return self.critic.values(scored_ref) if self.critic else None
@@ -129,7 +140,7 @@ class RLWorkers:
                                                                self.cfg.rollout.n_samples, self.cfg.learner.kl_coef,
                                                                kl_in_reward)
         self.last_batch = experience
-        return experience, ray.get(metrics)
+        return experience, get(metrics, "experience", self.cfg.wait_timeout_s)
 
     def train(self, experience_ref) -> dict:
         metrics = {f"policy/{k}": v for k, v in self.learner.train_step(experience_ref, self.cfg.rollout.temperature).items()}
@@ -140,21 +151,24 @@ class RLWorkers:
     def sync_weights(self) -> float:
         """Learner rank 0's full state dict -> every engine, through the object store (no files)."""
         state_ref = self.learner.state_dict_ref(self.cfg.rollout_dtype)  # in the engine's dtype: half the bytes in bf16
-        return max(ray.get([engine.load_weights.remote(state_ref) for engine in self.engines]))
+        return max(get([engine.load_weights.remote(state_ref) for engine in self.engines], "sync (engine load_weights)",
+                       self.cfg.wait_timeout_s))
 
     def check_sync(self, rows: int = 2) -> float:
         """Max |log-prob difference| between engine 0 and the learners on the last batch's first rows."""
-        probe = ray.get(self.last_batch).slice(0, rows).select(["prompt_ids", "response_ids"])
+        probe = get(self.last_batch, "sync check (batch)", self.cfg.wait_timeout_s).slice(0, rows).select(["prompt_ids", "response_ids"])
         prompts = [p.tolist() for p in ragged_to_numpy(probe["prompt_ids"])]
         responses = [r.tolist() for r in ragged_to_numpy(probe["response_ids"])]
-        engine_logp = ray.get(self.engines[0].token_logprobs.remote(prompts, responses))
+        engine_logp = get(self.engines[0].token_logprobs.remote(prompts, responses), "sync check (engine 0)",
+                          self.cfg.wait_timeout_s)
         return logprob_parity(engine_logp, self.learner.logprobs(probe, temperature=1.0))
 
     def heldout_reward(self, prompts: pa.Table, save_as: str = "") -> dict:
         """Samples of the held-out prompts from the current policy, scored like training rollouts. The seed is
         domain (pipeline.seeds.HELDOUT) is the same at every evaluation, so successive evaluations differ by the policy, not by the noise. The
         samples (token ids, reward) go to `save_as` in the run's storage, for judging the policy afterwards."""
-        scored = ray.get(self.score(self.generate(prompts, step=HELDOUT, n_samples=self.cfg.heldout_samples)))
+        scored = get(self.score(self.generate(prompts, step=HELDOUT, n_samples=self.cfg.heldout_samples)), "held-out evaluation",
+                     self.cfg.wait_timeout_s)
         if save_as:
             kept = [c for c in ("prompt_id", "prompt_ids", "response_ids", "finished", "reward") if c in scored.column_names]
             Storage(self.cfg.storage).write_bytes(save_as, parquet_bytes(scored.select(kept)))

@@ -49,6 +49,8 @@ class RLConfig:
                               "what the run computes, unless --resume_force names the fields")
     resume_force: list[str] = opt(help="with --resume: dotted config fields allowed to differ from the checkpoint's, "
                                        "e.g. steps,rollout.engines (the change is then intended)", factory=list)
+    wait_timeout_s: float = opt(1800, "longest the driver waits for one phase (rollout, score, experience, sync, "
+                                      "evaluation, actor start): then a TimeoutError naming the phase, not a hang")
     checkpoint_every: int = opt(10, "save a checkpoint every K steps (and at the end); 0 = never")
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")

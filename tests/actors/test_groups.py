@@ -88,3 +88,19 @@ def test_combined_endogenous_and_sentence_rm_reward_runs_and_logs_both(tmp_path,
     step = metrics[-1]
     assert np.isfinite(step["reward/endogenous"]) and np.isfinite(step["reward/sentence_rm"])
     assert "heldout/sentence_rm" in metrics[0] and np.isfinite(step["policy/loss"])
+
+
+def test_wait_times_out_naming_the_phase(local_ray):
+    from actors.groups import get, wait
+
+    @ray.remote(num_cpus=0)
+    def nap(seconds):
+        import time
+        time.sleep(seconds)
+        return seconds
+
+    fast, slow = nap.remote(0), nap.remote(600)
+    assert get(fast, "score", 120) == 0  # a finished call comes back
+    with pytest.raises(TimeoutError, match=r"rollout \(2 engine calls\): 1 of 2 calls not done after 0.5 s"):
+        wait([fast, slow], "rollout (2 engine calls)", 0.5)
+    ray.cancel(slow, force=True)
