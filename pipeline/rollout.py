@@ -17,8 +17,10 @@ Decisions (vLLM 0.32, V1 engine), each checked by a test:
   the reward treats the EOS as the final action. If a future vLLM dropped it, `outputs_to_rollout_table`
   raises instead of inventing a log-prob for an appended token.
 - Seeds: one `SamplingParams.seed` shared by every request gives every prompt's i-th sample the same noise
-  (measured: samples of different prompts share most tokens), so `generate(..., seed=s)` gives prompt i the
-  seed s + i. Without a seed the engine's own generator (`LLM(seed=cfg.seed + engine_index)`) is used.
+  (measured: samples of different prompts share most tokens). The RL loop passes `generate(..., seeds=...)`:
+  one n=1 request per sample, each with its own hashed seed (pipeline/seeds.py), so a sample does not depend on
+  the other prompts of its engine's shard. `seed=s` (prompt i gets s + i) is kept for direct use. Without a
+  seed the engine's own generator (`LLM(seed=cfg.seed + engine_index)`) is used.
 - Tied embeddings: a weight sync must carry `lm_head.weight` explicitly; see `weights_for_sync`.
 """
 from __future__ import annotations
@@ -86,7 +88,7 @@ class RolloutConfig:
 def sampling_params_kwargs(cfg: RolloutConfig, n_samples: int | None = None, seed: int | None = None) -> dict:
     """Keyword arguments of vLLM `SamplingParams` for a rollout request.
 
-    `seed` must differ per request (the caller passes step seed + prompt index): one seed shared by all
+    `seed` must differ per request (the RL loop passes one hashed seed per sample, pipeline/seeds.py): one seed shared by all
     requests gives every prompt's i-th sample the same noise. Per-request seeds make a step's rollouts a
     function of (weights, step), which is what lets a resumed run reproduce the next step.
     """
