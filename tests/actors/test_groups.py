@@ -1,4 +1,5 @@
 """The whole RL loop on embedded Ray with the tiny model: 1 vLLM engine, 1 base-model scorer, 2 ZeRO-2 learners."""
+import json
 import os
 import shutil
 
@@ -73,6 +74,8 @@ def test_resume_reproduces_the_next_step(tmp_path, tiny_model_dir, local_ray):
     rlhf.main(tiny_args(tiny_model_dir, resumed, "--resume"))
     again = read_metrics(resumed / "metrics.jsonl")
     assert [m["step"] for m in again] == [0, 1, 2]
+    raw = (resumed / "metrics.jsonl").read_text().splitlines()  # appended: the old rows, the marker, the redone step
+    assert len(raw) == 5 and json.loads(raw[3]) == {"resumed_from": 1}
     expected, got = full[2], again[2]
     for key, value in expected.items():
         if not key.startswith(TIME_KEYS):
