@@ -8,6 +8,7 @@ them and writes the marker that makes the checkpoint complete.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ from actors.rollout import start_rollout_engines
 from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import parquet_bytes, ragged_to_numpy
 from pipeline.experience import build_experience
+from pipeline.precision import sync_dtype
 from pipeline.rollout import logprob_parity
 from pipeline.runlog import MARKER
 from pipeline.storage import Storage
@@ -100,6 +102,14 @@ class RLWorkers:
             roles["critic_learners"] = self.critic.actors
         return {role: ray.get([node_of(actor) for actor in actors]) for role, actors in roles.items()}
 
+    @functools.cached_property
+    def precision(self) -> dict[str, list[dict]]:
+        """The dtype every model actor resolved on its own node (role -> one record per actor, pipeline/precision.py)."""
+        roles = {"rollout_engines": self.engines, "scorers": self.scorers, "policy_learners": self.learner.actors}
+        if self.critic:
+            roles["critic_learners"] = self.critic.actors
+        return {role: ray.get([actor.precision.remote() for actor in actors]) for role, actors in roles.items()}
+
     def generate(self, prompts: pa.Table, seed: int, n_samples: int) -> list:
         """Prompts split across engines in contiguous shards (a prompt's samples stay together)."""
         shards = np.array_split(np.arange(prompts.num_rows), len(self.engines))
@@ -136,7 +146,7 @@ class RLWorkers:
 
     def sync_weights(self) -> float:
         """Learner rank 0's full state dict -> every engine, through the object store (no files)."""
-        state_ref = self.learner.state_dict_ref(self.cfg.rollout_dtype)  # in the engine's dtype: half the bytes in bf16
+        state_ref = self.learner.state_dict_ref(sync_dtype(self.precision["rollout_engines"]))  # bf16: half the bytes
         return max(ray.get([engine.load_weights.remote(state_ref) for engine in self.engines]))
 
     def check_sync(self, rows: int = 2) -> float:

@@ -105,7 +105,14 @@ def autocast(compute_dtype: str, device: str | torch.device):
     return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
-def sync_tolerance(engine_dtype: str, learner_dtype: str) -> float:
-    """Max |log-prob difference| the weight-sync check accepts by default: 1e-3 when engine and learner both
-    compute in float32, else 0.5 (bf16 kernels alone differ by ~0.2: only gross failures show)."""
-    return 1e-3 if engine_dtype == learner_dtype == "float32" else 0.5
+def sync_dtype(engine_records: list[dict]) -> str:
+    """The dtype the weights travel to the engines in: bf16 (half the bytes) when every engine runs bf16, else
+    float32, which every engine casts losslessly to its own dtype."""
+    return "bfloat16" if all(r["dtype"] == "bfloat16" for r in engine_records) else "float32"
+
+
+def sync_tolerance(*dtypes: str) -> float:
+    """Max |log-prob difference| the weight-sync check accepts by default, given the probed engine's and the
+    learners' compute dtypes: 1e-3 when all are float32, else 0.5 (bf16 kernels alone differ by ~0.2: only
+    gross failures show)."""
+    return 1e-3 if all(dtype == "float32" for dtype in dtypes) else 0.5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.precision import (autocast, describe, parse_cpu_flags, precision_record, read_cpu_flags, resolve_dtype,
-                                summarize, sync_tolerance)
+                                summarize, sync_dtype, sync_tolerance)
 
 # Fake /proc/cpuinfo texts (two processors each, as the real file lists every core).
 EPYC_AVX2 = """processor\t: 0
@@ -82,8 +82,9 @@ def test_records_summary_and_sync_tolerance():
                       "line": "compute auto -> float32 (CPU has no avx512_bf16 or amx_bf16)"}
     bf16 = precision_record("auto", "cpu", parse_cpu_flags(AMX_ONLY))
     assert summarize([record, record, bf16]) == f"{record['line']} x2; {bf16['line']}"
-    assert sync_tolerance("float32", "float32") == 1e-3
+    assert sync_tolerance("float32", "float32", "float32") == 1e-3
     assert sync_tolerance("float32", "bfloat16") == sync_tolerance("bfloat16", "float32") == 0.5
+    assert sync_dtype([bf16, bf16]) == "bfloat16" and sync_dtype([bf16, record]) == "float32"
 
 
 def test_autocast_runs_matmuls_in_bf16_only_when_asked():
