@@ -105,7 +105,7 @@ def test_zero3_state_dict_is_the_unsharded_model(tiny_model_dir, local_ray):
 
 
 def test_critic_group_values_and_value_loss(tiny_model_dir, local_ray):
-    cfg = LearnerConfig(ranks=2, zero_stage=1, micro_batch_size=2, critic_lr=1e-3)
+    cfg = LearnerConfig(ranks=2, zero_stage=1, micro_batch_size=2, critic_lr=1e-3, dtype="float32")  # exact vs fp32
     table = rows(3)
     group = LearnerGroup(tiny_model_dir, ModelConfig(name=tiny_model_dir), cfg, role="critic")
     try:
