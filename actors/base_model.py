@@ -17,6 +17,7 @@ from pipeline.config import opt
 from pipeline.endogenous import EndoRewardConfig, score_endogenous
 from pipeline.judge import answer_token_ids, judge_margins
 from pipeline.models import ModelConfig, load_causal_lm, load_tokenizer, resolve_model
+from pipeline.precision import precision_record
 
 
 @dataclasses.dataclass
@@ -33,9 +34,16 @@ class ScoringConfig:
 class EndogenousScorer:
     def __init__(self, model_cfg: ModelConfig, reward_cfg: EndoRewardConfig):
         path = resolve_model(model_cfg.name, model_cfg.cache_dir)
-        self.model = load_causal_lm(path, model_cfg.dtype, model_cfg.device)
+        self.precision_record = precision_record(model_cfg.dtype, model_cfg.device)  # dtype auto: on this node
+        # printed here: a Ray Data or Serve replica has no other way to tell the job (Ray prefixes the actor)
+        print(f"scorer {self.precision_record['line']}", flush=True)
+        self.model = load_causal_lm(path, self.precision_record["dtype"], model_cfg.device)
         self.tokenizer = load_tokenizer(path)
         self.reward_cfg = reward_cfg
+
+    def precision(self) -> dict[str, str]:
+        """The dtype this scorer resolved and runs in (pipeline/precision.py: precision_record)."""
+        return self.precision_record
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.score(batch)

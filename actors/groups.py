@@ -8,6 +8,7 @@ them and writes the marker that makes the checkpoint complete.
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ from actors.rollout import start_rollout_engines
 from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import parquet_bytes, ragged_to_numpy
 from pipeline.experience import build_experience
+from pipeline.precision import sync_dtype
 from pipeline.rollout import logprob_parity
 from pipeline.runlog import MARKER
 from pipeline.seeds import HELDOUT, prompt_seeds
@@ -112,6 +114,15 @@ class RLWorkers:
         return {role: get([node_of(actor) for actor in actors], "nodes", self.cfg.wait_timeout_s)
                 for role, actors in roles.items()}
 
+    @functools.cached_property
+    def precision(self) -> dict[str, list[dict]]:
+        """The dtype every model actor resolved on its own node (role -> one record per actor, pipeline/precision.py)."""
+        roles = {"rollout_engines": self.engines, "scorers": self.scorers, "policy_learners": self.learner.actors}
+        if self.critic:
+            roles["critic_learners"] = self.critic.actors
+        return {role: get([actor.precision.remote() for actor in actors], "precision", self.cfg.wait_timeout_s)
+                for role, actors in roles.items()}
+
     def generate(self, prompts: pa.Table, step: int | str, n_samples: int) -> list:
         """Prompts split across engines in contiguous shards (a prompt's samples stay together). Every sample has
         its own seed, hashed from (run seed, step, prompt id, sample index): the rollout does not depend on the split."""
@@ -150,7 +161,7 @@ class RLWorkers:
 
     def sync_weights(self) -> float:
         """Learner rank 0's full state dict -> every engine, through the object store (no files)."""
-        state_ref = self.learner.state_dict_ref(self.cfg.rollout_dtype)  # in the engine's dtype: half the bytes in bf16
+        state_ref = self.learner.state_dict_ref(sync_dtype(self.precision["rollout_engines"]))  # bf16: half the bytes
         return max(get([engine.load_weights.remote(state_ref) for engine in self.engines], "sync (engine load_weights)",
                        self.cfg.wait_timeout_s))
 

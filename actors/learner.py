@@ -6,8 +6,10 @@ ray.remote(PolicyLearner)`. The math is in pipeline/policy.py; this file only pl
   - process group: MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, then deepspeed.init_distributed with
     gloo on cpu and nccl on cuda (derived from --model.device). LOCAL_RANK is 0: Ray gives each actor its own
     CUDA_VISIBLE_DEVICES, so every rank sees its GPU as device 0.
-  - engine: the HF model (float32 masters; bf16 is DeepSpeed's cast), a torch.optim.AdamW object (a config
-    optimizer would JIT-build FusedAdam), a LambdaLR warm-up/cosine schedule, ZeRO stage 0..3.
+  - engine: the HF model in float32 with float32 AdamW state (a torch.optim.AdamW object: a config optimizer
+    would JIT-build FusedAdam), a LambdaLR warm-up/cosine schedule, ZeRO stage 0..3. DeepSpeed's bf16 mode is
+    never on (it makes the params bf16); a bf16 compute dtype (LearnerConfig.dtype, auto resolved on this
+    rank's node) runs the forward and loss under torch.autocast instead, backward outside it.
   - one train_step = ppo_epochs passes over this rank's rows in micro-batches of `micro_batch_size`, one
     optimizer step per pass (gradient accumulation = number of micro-batches, set per call). The rows are
     taken in order, never shuffled, so a resumed run repeats a step exactly.
@@ -42,7 +44,8 @@ from ray.util.placement_group import remove_placement_group
 
 from actors.placement import PlacementConfig, bundle, gpus_for, in_bundle, reserve
 from pipeline.arrow import padded_to_ragged, ragged_to_numpy, ragged_to_padded
-from pipeline.models import DTYPES, ModelConfig, check_device, load_causal_lm, resolve_model
+from pipeline.models import ModelConfig, check_device, load_causal_lm, resolve_model
+from pipeline.precision import DTYPES, autocast, precision_record
 from pipeline.storage import Storage
 from pipeline.policy import (LearnerConfig, critic_forward, critic_loss, load_critic, lr_lambda, policy_forward,
                              policy_loss)
@@ -60,7 +63,7 @@ def deepspeed_config(cfg: LearnerConfig) -> dict:
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.max_grad_norm,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        # no "bf16" section: DeepSpeed's bf16 makes bf16 params; bf16 compute is autocast (PolicyLearner._autocast)
         "steps_per_print": 1 << 30,  # metrics come back from train_step instead
         "wall_clock_breakdown": False,
     }
@@ -104,6 +107,8 @@ class PolicyLearner:
         deepspeed.init_distributed(dist_backend=BACKENDS[model_cfg.device])
         self.init_distributed_s = time.perf_counter() - started
         self.rank, self.world_size, self.role, self.cfg = rank, world_size, role, cfg
+        self.precision_record = {**precision_record(cfg.dtype, model_cfg.device, what="compute"), "weights": "float32"}
+        self.precision_record["line"] += "; weights and optimizer state float32"
         if role == "policy":
             model, lr = load_causal_lm(model_path, "float32", model_cfg.device), cfg.lr
         else:
@@ -114,6 +119,14 @@ class PolicyLearner:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=deepspeed_config(cfg))
         self.start_s = time.perf_counter() - started
+
+    def precision(self) -> dict[str, str]:
+        """The compute dtype this rank resolved (pipeline/precision.py: precision_record), weights float32."""
+        return self.precision_record
+
+    def _autocast(self):
+        """Where every forward and loss of this rank runs: bf16 autocast, or plain float32."""
+        return autocast(self.precision_record["dtype"], self.engine.device)
 
     def ready(self) -> dict:
         """Timings of this rank's start (seconds): process group (incl. DeepSpeed's comm-op build) and total."""
@@ -168,7 +181,8 @@ class PolicyLearner:
         for _ in range(self.cfg.ppo_epochs):
             for i, (rows, weight) in enumerate(zip(micro_batches, weights)):
                 self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
-                loss, metrics = self._loss({name: column[rows] for name, column in columns.items()}, temperature)
+                with self._autocast():
+                    loss, metrics = self._loss({name: column[rows] for name, column in columns.items()}, temperature)
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
                 self.engine.step()  # an optimizer step only at the boundary
                 for name, value in metrics.items():
@@ -193,7 +207,8 @@ class PolicyLearner:
     def _values(self, columns: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
         out = []
         for rows in self._micro_batches(len(columns["prompt_ids"])):
-            values, mask = critic_forward(self.engine, columns["prompt_ids"][rows], columns["response_ids"][rows])
+            with self._autocast():
+                values, mask = critic_forward(self.engine, columns["prompt_ids"][rows], columns["response_ids"][rows])
             out += padded_to_ragged(values, mask)
         return out
 
@@ -209,8 +224,9 @@ class PolicyLearner:
         columns = self._columns(batch, ("prompt_ids", "response_ids"))
         out = []
         for rows in self._micro_batches(batch.num_rows):
-            logprobs, _, mask = policy_forward(self.engine, columns["prompt_ids"][rows], columns["response_ids"][rows],
-                                               temperature, entropy_grad=False)
+            with self._autocast():  # as in training: the ratio's log pi_theta and this probe agree
+                logprobs, _, mask = policy_forward(self.engine, columns["prompt_ids"][rows],
+                                                   columns["response_ids"][rows], temperature, entropy_grad=False)
             out += padded_to_ragged(logprobs, mask)
         return out[:real]
 
@@ -220,7 +236,7 @@ class PolicyLearner:
         """Full HF-named weights (model.state_dict() names) as CPU tensors on rank 0, None elsewhere.
 
         A collective: every rank must call it. At ZeRO-3 each parameter is all-gathered for the copy.
-        dtype None keeps the training dtype (the bf16 weights the forward used, when bf16 is on).
+        dtype None keeps the weights' float32 (the learner's weights are float32 whatever its compute dtype).
         """
         import deepspeed
 

@@ -33,6 +33,7 @@ from actors.learner import BACKENDS, deepspeed_config
 from pipeline.config import to_yaml
 from pipeline.models import check_device, load_tokenizer, resolve_model
 from pipeline.policy import LearnerConfig
+from pipeline.precision import precision_record
 from pipeline.rm_training import (HELDOUT, EncodedPairs, accuracy_by_subset, encode_pairs, epoch_steps, pair_loss,
                                   score_examples, shard_indices)
 from pipeline.runlog import RunLog
@@ -100,8 +101,10 @@ class RMWorker:
         ds_config["gradient_accumulation_steps"] = t.grad_accum
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         self.device, self.pad_id = self.engine.device, self.tokenizer.pad_token_id
-        # bf16: the heads read float32 hidden states; autocast runs them (and the backbone) in bf16
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.dtype == "bfloat16")
+        # bf16: float32 weights, autocast runs the backbone and the heads in bf16 (dtype auto: resolved on this node)
+        precision = precision_record(t.dtype, cfg.model.device, what="compute")
+        print(f"[rank {self.rank}] {precision['line']}; weights and optimizer state float32", flush=True)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=precision["dtype"] == "bfloat16")
         self.start_s = time.perf_counter() - started
 
     def encode(self, table: pa.Table, rows: list[int]) -> EncodedPairs:

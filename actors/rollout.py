@@ -21,6 +21,7 @@ from actors.cluster import RayConfig
 from actors.placement import PlacementConfig, bundle, gpus_for, in_bundle, reserve
 from pipeline.arrow import ragged_to_numpy
 from pipeline.models import check_device, resolve_model
+from pipeline.precision import precision_record
 from pipeline.rollout import (LOGPROBS_MODE, RolloutConfig, outputs_to_rollout_table, prompt_logprobs_to_numpy,
                               sampling_params_kwargs, weights_for_sync)
 
@@ -28,8 +29,9 @@ from pipeline.rollout import (LOGPROBS_MODE, RolloutConfig, outputs_to_rollout_t
 class RolloutEngine:
     def __init__(self, model: str, dtype: str, device: str, cfg: RolloutConfig, engine_index: int = 0,
                  cache_dir: str = "~/.cache/endorl", cpu_threads: str = ""):
-        """model: a folder, HF id or bundled name, resolved on this node. cpu_threads: VLLM_CPU_OMP_THREADS_BIND
-        for this engine (CPU only); empty = a block of cfg.cpus_per_engine cores of this node (cpu_threads_bind)."""
+        """model: a folder, HF id or bundled name, resolved on this node. dtype: auto, float32 or bfloat16 (auto
+        resolved on this node, pipeline/precision.py). cpu_threads: VLLM_CPU_OMP_THREADS_BIND for this engine (CPU
+        only); empty = a block of cfg.cpus_per_engine cores of this node (cpu_threads_bind)."""
         check_device(device)  # a cuda request without a GPU fails here, before vLLM picks a platform
         if device == "cpu":  # read by vLLM when the engine starts, in this process
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_threads or cpu_threads_bind(cfg, engine_index)
@@ -38,8 +40,9 @@ class RolloutEngine:
         from vllm.inputs import TokensPrompt
 
         self.cfg = cfg
+        self.precision_record = precision_record(dtype, device)  # vLLM's own "auto" is the checkpoint's dtype
         self.make_prompt, self.make_sampling = TokensPrompt, SamplingParams
-        self.llm = LLM(model=model_path, dtype=dtype, seed=cfg.seed + engine_index, enforce_eager=cfg.enforce_eager,
+        self.llm = LLM(model=model_path, dtype=self.precision_record["dtype"], seed=cfg.seed + engine_index, enforce_eager=cfg.enforce_eager,
                        max_model_len=cfg.max_model_len, gpu_memory_utilization=cfg.gpu_memory_utilization,
                        logprobs_mode=LOGPROBS_MODE)
         self.sampling = SamplingParams(**sampling_params_kwargs(cfg))
@@ -47,6 +50,10 @@ class RolloutEngine:
         self.scoring = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
         self.eos_token_id = self.llm.get_tokenizer().eos_token_id
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_text_config, "tie_word_embeddings", False))
+
+    def precision(self) -> dict[str, str]:
+        """The dtype this engine resolved and runs in (pipeline/precision.py: precision_record)."""
+        return self.precision_record
 
     def generate(self, prompts: pa.Table, n_samples: int | None = None, seed: int | None = None,
                  seeds: list[list[int]] | None = None) -> pa.Table:

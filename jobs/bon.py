@@ -36,6 +36,7 @@ from pipeline.data import load_prompts
 from pipeline.driver import tokenize_prompts
 from pipeline.endogenous import EndoRewardConfig
 from pipeline.models import ModelConfig, open_model
+from pipeline.precision import DType, summarize
 from pipeline.storage import check_location
 from pipeline.rollout import RolloutConfig
 from pipeline.sentence_rm import CONFIG_FILE, RewardModelConfig
@@ -58,7 +59,8 @@ class BoNConfig:
     output: str = opt("outputs/bon.jsonl", "where to write one row per prompt (.jsonl, or .parquet)")
     prompts_per_batch: int = opt(8, "prompts sampled and scored together (one progress-bar step)")
     seed: int = opt(0, "prompt i of the run is sampled with seed + i")
-    rollout_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "vLLM engine precision (fp16 does not run on CPU)")
+    rollout_dtype: DType = opt("auto", "vLLM engine precision; auto: bfloat16 on a GPU or a CPU with avx512_bf16/"
+                                       "amx_bf16, else float32, resolved on each engine's node (fp16: not on CPU)")
     scorer_cpus: float = opt(1, "CPUs per scoring actor (one per reward source)")
     scorer_gpus: float = opt(0, "GPUs per scoring actor (0 with --model.device cuda = 1)")
     model: ModelConfig = opt(factory=ModelConfig)
@@ -181,6 +183,7 @@ def best_of_n(cfg: BoNConfig) -> str:
     try:
         print(f"starting {len(engines)} rollout engine(s) and scorers: {', '.join(scorers)}")
         ray.get([actor.__ray_ready__.remote() for actor in engines + list(scorers.values())])
+        print(f"rollout engines: {summarize(ray.get([engine.precision.remote() for engine in engines]))}", flush=True)
         with tqdm(total=prompt_ids.num_rows, desc=f"best-of-{cfg.n} ({cfg.reward})", unit="prompt") as bar:
             for first in range(0, prompt_ids.num_rows, cfg.prompts_per_batch):
                 batch = prompt_ids.slice(first, cfg.prompts_per_batch)

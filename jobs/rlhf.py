@@ -5,7 +5,8 @@
 
 vLLM engines sample, the frozen base model scores (endogenous reward + reference log-probs in one pass),
 DeepSpeed learners update the policy, and the new weights go back into the engines every step.
-Writes TensorBoard logs, metrics.jsonl, nodes.json (which node ran which actor), checkpoints and curves.png to
+Writes TensorBoard logs, metrics.jsonl, nodes.json (which node ran which actor), precision.json (the dtype each
+actor resolved: dtype auto picks bf16 where the hardware has it natively), checkpoints and curves.png to
 --storage (a folder; on a cluster an absolute path every node mounts, or s3:// / gs://); --resume continues from
 the newest complete checkpoint there.
 """
@@ -25,6 +26,7 @@ from pipeline.reward_api import AuthConfig, read_token
 from pipeline.experience import AdvantageConfig
 from pipeline.models import ModelConfig, open_model
 from pipeline.policy import LearnerConfig
+from pipeline.precision import DType, summarize
 from pipeline.rollout import RolloutConfig
 from pipeline.resume import check_resume_config
 from pipeline.runlog import RunLog, latest_checkpoint, plot_curves
@@ -54,9 +56,11 @@ class RLConfig:
     checkpoint_every: int = opt(10, "save a checkpoint every K steps (and at the end); 0 = never")
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
-    sync_tolerance: float = opt(0.0, "max |log-prob diff| the sync check accepts; 0 = 1e-3 for a float32 engine, "
-                                     "0.5 for bfloat16 (bf16 kernels alone differ by ~0.2: only gross failures show)")
-    rollout_dtype: Literal["bfloat16", "float32"] = opt("bfloat16", "vLLM engine precision (fp16 does not run on CPU)")
+    sync_tolerance: float = opt(0.0, "max |log-prob diff| the sync check accepts; 0 = 1e-3 when engine and learners "
+                                     "resolved float32, else 0.5 (bf16 kernels alone differ by ~0.2: only gross "
+                                     "failures show)")
+    rollout_dtype: DType = opt("auto", "vLLM engine precision; auto: bfloat16 on a GPU or a CPU with avx512_bf16/"
+                                       "amx_bf16, else float32, resolved on each engine's node (fp16: not on CPU)")
     scorers: int = opt(1, "frozen base-model actors (endogenous reward + reference log-probs)")
     scorer_cpus: float = opt(1, "CPUs per base-model actor")
     scorer_gpus: float = opt(0, "GPUs per base-model actor (0 with --model.device cuda = 1)")
@@ -158,6 +162,9 @@ def main(argv: list[str] | None = None) -> str:
         log.write_json("nodes.json", nodes)
         for role, where in nodes.items():
             print(f"{role}: " + ", ".join(f"{n['node_id'][:8]} ({n['ip']})" for n in where), flush=True)
+        log.write_json("precision.json", workers.precision)  # dtype auto: what each actor resolved on its node
+        for role, records in workers.precision.items():
+            print(f"{role}: {summarize(records)}", flush=True)
         try:
             rl_loop(cfg, workers, train_ids, heldout_ids, log, start_step)
         finally:

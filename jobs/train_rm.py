@@ -42,6 +42,7 @@ from pipeline.config import opt, parse_config, to_dict, to_yaml
 from pipeline.data import load_preference_data, split_prompts
 from pipeline.evaluation import markdown_table
 from pipeline.models import ModelConfig, open_model
+from pipeline.precision import DType
 from pipeline.rm_training import HELDOUT
 from pipeline.segment import SPLITTERS
 from pipeline.sentence_rm import RewardModelConfig
@@ -62,8 +63,9 @@ class TrainConfig:
     max_length: int = opt(1024, "tokens per side, markers included: the prompt is cut from the left, then the "
                                 "response at the right (counted in results.json); 0 = the model's window")
     zero_stage: int = opt(2, "DeepSpeed ZeRO stage 0..3")
-    dtype: Literal["float32", "bfloat16"] = opt("float32", "training and evaluation precision (bf16: DeepSpeed keeps "
-                                                           "float32 master weights); --model.dtype is not used here")
+    dtype: DType = opt("auto", "compute precision of training and evaluation; weights and AdamW state stay float32, "
+                               "bfloat16 runs under autocast (auto: bf16 on a GPU or a CPU with avx512_bf16/amx_bf16, "
+                               "else float32; resolved on each worker's node); --model.dtype is not used here")
     workers: int = opt(2, "Ray Train workers (data-parallel DeepSpeed ranks)")
     cpus_per_worker: float = opt(1, "CPUs per worker (also its torch threads); a GPU each with --model.device cuda")
 

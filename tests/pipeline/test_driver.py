@@ -18,7 +18,6 @@ class LoopConfig:
     checkpoint_every: int = 3
     sync_check_every: int = 2
     sync_tolerance: float = 0.0
-    rollout_dtype: str = "float32"
 
     @dataclasses.dataclass
     class Rollout:
@@ -27,11 +26,16 @@ class LoopConfig:
     rollout: Rollout = dataclasses.field(default_factory=Rollout)
 
 
+def records(dtype: str) -> list[dict]:
+    return [{"requested": "auto", "dtype": dtype}]
+
+
 class FakeWorkers:
     """Fake: returns fixed metrics and records the calls, so the test checks the loop's order and cadence."""
 
-    def __init__(self):
+    def __init__(self, engine_dtype: str = "float32", learner_dtype: str = "float32"):
         self.calls = []
+        self.precision = {"rollout_engines": records(engine_dtype), "policy_learners": records(learner_dtype) * 2}
 
     def generate(self, prompts, step, n_samples):
         self.calls.append(("generate", prompts.num_rows, n_samples))
@@ -127,10 +131,11 @@ def test_a_sync_that_did_not_arrive_stops_the_run():
     with pytest.raises(RuntimeError, match="weight sync check failed.*0.8.*tolerance 0.001"):
         rl_loop(LoopConfig(), Stale(), pa.table({"prompt_id": ["a", "b"], "prompt_ids": [[1], [2]]}),
                 pa.table({"prompt_id": ["c"], "prompt_ids": [[3]]}), Log())
-    bf16 = dataclasses.replace(LoopConfig(), rollout_dtype="bfloat16")
-    with pytest.raises(RuntimeError, match="tolerance 0.5"):
-        rl_loop(bf16, Stale(), pa.table({"prompt_id": ["a", "b"], "prompt_ids": [[1], [2]]}),
-                pa.table({"prompt_id": ["c"], "prompt_ids": [[3]]}), Log())
+    # the tolerance follows the dtypes the actors resolved (dtype auto), not the requested ones
+    for engine, learner in (("bfloat16", "float32"), ("float32", "bfloat16")):
+        with pytest.raises(RuntimeError, match="tolerance 0.5"):
+            rl_loop(LoopConfig(), Stale(engine, learner), pa.table({"prompt_id": ["a", "b"], "prompt_ids": [[1], [2]]}),
+                    pa.table({"prompt_id": ["c"], "prompt_ids": [[3]]}), Log())
 
 
 def test_prompt_order_seeds_do_not_shift_with_the_run_seed():

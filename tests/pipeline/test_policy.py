@@ -8,6 +8,7 @@ import torch
 from pipeline.models import load_causal_lm
 from pipeline.policy import (LearnerConfig, critic_forward, critic_loss, load_critic,
                              lr_lambda, policy_forward, policy_loss)
+from pipeline.precision import autocast
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,37 @@ def test_config_validation_and_schedule():
     cosine = lr_lambda(LearnerConfig(lr_schedule="cosine", total_steps=4))
     assert [round(cosine(k), 6) for k in range(5)] == [1.0, round(0.5 * (1 + math.cos(math.pi / 4)), 6), 0.5,
                                                        round(0.5 * (1 + math.cos(3 * math.pi / 4)), 6), 0.0]
+
+
+def test_bf16_autocast_learner_keeps_float32_weights_and_small_updates(tiny_model_dir):
+    """The learner's bf16 mode: forward + loss under autocast, float32 weights and AdamW state. One step at
+    lr 1e-6 moves the float32 weights by ~1e-6, an update that bf16 weights (spacing ~1e-4 at |w| ~ 0.02)
+    would round away, which is why a bf16-weight learner's KL stayed flat."""
+    model = load_causal_lm(tiny_model_dir)  # float32
+    prompts, responses = ragged_rows(2)
+    with torch.no_grad():
+        fp32_logprobs, _, mask = policy_forward(model, prompts, responses)
+        with autocast("bfloat16", model.device):
+            bf16_logprobs, _, _ = policy_forward(model, prompts, responses)
+    assert bf16_logprobs.dtype == torch.float32  # log-softmax stays float32 under autocast
+    diff = (bf16_logprobs - fp32_logprobs).abs()[mask > 0]
+    assert 0 < diff.max() < 0.05, diff.max()  # bf16 matmuls did run, and stay close
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    before = weight.detach().clone()
+    advantages = torch.randn(mask.shape, generator=torch.Generator().manual_seed(0))
+    with autocast("bfloat16", model.device):
+        logprobs, entropy, mask = policy_forward(model, prompts, responses)
+        loss, _ = policy_loss(logprobs, logprobs.detach(), logprobs.detach(), advantages, mask, LearnerConfig(),
+                              entropy=entropy)
+    loss.backward()  # outside autocast, as torch recommends
+    optimizer.step()
+    assert weight.dtype == weight.grad.dtype == torch.float32
+    assert all(s.dtype == torch.float32 for s in optimizer.state[weight].values() if s.is_floating_point())
+    moved = weight.detach() - before
+    touched = weight.grad != 0
+    assert touched.float().mean() > 0.9
+    assert (moved[touched] != 0).float().mean() > 0.99  # every float32 weight with a gradient moved
+    rounded = (before.bfloat16().float() + moved).bfloat16() == before.bfloat16()
+    assert rounded[touched].float().mean() > 0.9  # bf16 weights would have stayed where they were
