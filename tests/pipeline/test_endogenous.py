@@ -123,3 +123,26 @@ def test_alpha_must_be_positive():
     with pytest.raises(ValueError, match="reward.alpha must be > 0"):
         EndoRewardConfig(alpha=0)
     assert dataclasses.replace(EndoRewardConfig(), alpha=2.0).alpha == 2.0
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_centered_form_matches_float64_reference_per_token(tiny, alpha):
+    model, tokenizer = tiny
+    prompts, responses = encoded(tokenizer)
+    prompts.append(prompts[0])  # shares the first prompt when packed
+    responses.append(responses[1])
+    cfg = EndoRewardConfig(alpha=alpha, form="centered", pack_tokens=64, logit_chunk=5)
+    scores = score_endogenous(model, prompts, responses, [True] * 4, cfg)
+    raw = score_endogenous(model, prompts, responses, [True] * 4, EndoRewardConfig(alpha=alpha))
+    for i in range(4):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompts[i] + responses[i]])).logits[0].double()
+        P, H = len(prompts[i]), len(responses[i])
+        logpi = torch.log_softmax(logits[P - 1:P + H - 1] / alpha, dim=1)    # log pi(.|s_h), h = 1..H
+        log_pi_a = logpi.gather(1, torch.tensor(responses[i])[:, None]).squeeze(1)
+        entropy = -(logpi.exp() * logpi).sum(1)                              # H(pi(.|s_h))
+        c = alpha * (log_pi_a + entropy)
+        assert np.abs(scores.token_rewards[i] - c.numpy()).max() < 1e-4
+        assert abs(scores.rewards[i] - c.sum().item()) < 1e-3
+        np.testing.assert_allclose(scores.ref_logprobs[i], raw.ref_logprobs[i], atol=1e-6)  # KL term unchanged
+        assert np.abs(scores.token_rewards[i] - raw.token_rewards[i]).max() > 1e-2  # a different reward
