@@ -115,8 +115,9 @@ def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray
     return out.last_hidden_state[0]
 
 
-def head_statistics(model, hidden: torch.Tensor, targets: torch.Tensor, alpha: float, chunk: int):
-    """At each row of `hidden`: Q of its target token, V = alpha*lse(f/alpha), lse(f) and E_pi[f], all float32."""
+def head_statistics(model, hidden: torch.Tensor, targets: torch.Tensor, alpha: float, chunk: int, expected_f: bool = False):
+    """At each row of `hidden`: Q of its target token, V = alpha*lse(f/alpha), lse(f) and (if `expected_f`, else
+    zeros: it costs a vocabulary-wide softmax) E_pi[f], all float32."""
     lm_head = model.get_output_embeddings()
     q, v, lse, mean_f = [], [], [], []
     for start in range(0, hidden.shape[0], chunk):
@@ -125,7 +126,8 @@ def head_statistics(model, hidden: torch.Tensor, targets: torch.Tensor, alpha: f
         q.append(logits.gather(-1, targets[start:start + chunk, None]).squeeze(-1))
         v.append(lse_1 if alpha == 1.0 else alpha * torch.logsumexp(logits / alpha, dim=-1))  # V(s) = alpha*lse(Q/alpha)
         lse.append(lse_1)
-        mean_f.append((torch.softmax(logits / alpha, dim=-1) * logits).sum(-1))  # E_{a~pi}[f(s)[a]], pi = softmax(f/alpha)
+        mean_f.append((torch.softmax(logits / alpha, dim=-1) * logits).sum(-1) if expected_f  # E_{a~pi}[f(s)[a]], pi = softmax(f/alpha)
+                      else torch.zeros_like(lse_1))
     return torch.cat(q), torch.cat(v), torch.cat(lse), torch.cat(mean_f)
 
 
@@ -153,7 +155,8 @@ def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list
                 response_start += h
             start = response_start
         rows_t = torch.cat(rows).to(hidden.device)
-        q, v, lse, mean_f = head_statistics(model, hidden[rows_t], torch.cat(targets).to(hidden.device), cfg.alpha, cfg.logit_chunk)
+        q, v, lse, mean_f = head_statistics(model, hidden[rows_t], torch.cat(targets).to(hidden.device), cfg.alpha, cfg.logit_chunk,
+                                            expected_f=cfg.form == "centered")
         q, v, lse, mean_f = q.cpu().double(), v.cpu().double(), lse.cpu().double(), mean_f.cpu().double()
         offset = 0
         for i in order:
