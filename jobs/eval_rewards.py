@@ -2,8 +2,9 @@
 
     python -m jobs.eval_rewards --data ../shared/data/hh_harmless_base_test.jsonl [--format hh] [--output DIR]
 
-Sources: the endogenous reward (sum, and per-token mean), an LLM-as-a-judge baseline with the same model
-(both orders), and the longer-wins / shorter-wins baselines. Prints a table; writes results.json and results.md.
+Sources: the endogenous reward (--forms: sum, per-token mean, centered), an LLM-as-a-judge baseline with the same model
+(both orders), and the longer-wins / shorter-wins baselines. Next to accuracy per subset and overall: accuracy on
+pairs whose chosen answer is longer, on those where it is shorter, and their mean (length-controlled). Prints a table; writes results.json and results.md.
 """
 from __future__ import annotations
 
@@ -31,12 +32,17 @@ from pipeline.models import ModelConfig, open_model
 from pipeline.storage import check_location
 
 
+FORMS = ("sum", "mean", "centered")
+
+
 @dataclasses.dataclass
 class EvalConfig:
     data: str = opt("", "preference pairs: .jsonl/.parquet/.json files (comma-separated), an LLMBar folder, or a HF dataset")
     format: Literal["auto", "hh", "llmbar", "pairs", "hf"] = opt("auto", "how to read --data")
     output: str = opt("outputs/eval_rewards", "folder for results.json and results.md")
     max_pairs: int = opt(0, "evaluate only the first N pairs (0 = all)")
+    forms: str = opt("sum,mean", "endogenous reward forms, comma-separated: sum, mean (both from one pass), centered "
+                                 "(its own pass, --reward.form centered summed)")
     judge: bool = opt(True, "also run the LLM-as-a-judge baseline with the same model")
     model: ModelConfig = opt(factory=ModelConfig)
     reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
@@ -70,10 +76,10 @@ def judge_requests(pairs: pa.Table, tokenizer, reward_cfg: EndoRewardConfig) -> 
     return request_table(prompts, [[] for _ in prompts], [True] * len(prompts))
 
 
-def run_pool(table: pa.Table, scorer_cls, cfg: EvalConfig, column: str, desc: str) -> list:
+def run_pool(table: pa.Table, scorer_cls, cfg: EvalConfig, column: str, desc: str, reward: EndoRewardConfig | None = None) -> list:
     values = []
     with tqdm(total=table.num_rows, desc=desc, unit="row") as bar:
-        for batch in map_with_actor_pool(table, scorer_cls, cfg.model, cfg.reward, cfg.scoring):
+        for batch in map_with_actor_pool(table, scorer_cls, cfg.model, reward or cfg.reward, cfg.scoring):
             values += batch[column].to_pylist()
             bar.update(batch.num_rows)
     return values
@@ -81,6 +87,10 @@ def run_pool(table: pa.Table, scorer_cls, cfg: EvalConfig, column: str, desc: st
 
 def evaluate(cfg: EvalConfig) -> dict:
     check_driver_device(cfg.ray, cfg.model.device)
+    forms = [f.strip() for f in cfg.forms.split(",") if f.strip()]
+    unknown = sorted(set(forms) - set(FORMS))
+    if unknown or not forms:
+        raise SystemExit(f"--forms {cfg.forms!r}: unknown form(s) {unknown}. Fix: a comma-separated subset of {','.join(FORMS)}")
     try:  # the driver writes the results; on a cluster a relative path is the job's temporary working directory
         check_location(cfg.output, "--output", cluster=not is_local(cfg.ray))
     except ValueError as e:
@@ -104,19 +114,25 @@ def evaluate(cfg: EvalConfig) -> dict:
     token_rewards = run_pool(requests, EndogenousScorer, cfg, "token_rewards", "endogenous reward")
     totals = np.array([np.sum(r, dtype=np.float64) for r in token_rewards])
     lengths = np.array([len(r) for r in token_rewards], dtype=np.float64)
-    scores = {
-        "endogenous (sum)": (totals[0::2], totals[1::2]),
-        "endogenous (per-token mean)": (totals[0::2] / lengths[0::2], totals[1::2] / lengths[1::2]),
-        "longer wins": (lengths[0::2], lengths[1::2]),
-        "shorter wins": (-lengths[0::2], -lengths[1::2]),
-    }
+    scores = {}
+    if "sum" in forms:
+        scores["endogenous (sum)"] = (totals[0::2], totals[1::2])
+    if "mean" in forms:
+        scores["endogenous (per-token mean)"] = (totals[0::2] / lengths[0::2], totals[1::2] / lengths[1::2])
+    if "centered" in forms:
+        centered = run_pool(requests, EndogenousScorer, cfg, "token_rewards", "centered reward",
+                            dataclasses.replace(cfg.reward, form="centered"))
+        c = np.array([np.sum(r, dtype=np.float64) for r in centered])  # sum_h alpha*(log pi(a_h|s_h) + H(pi(.|s_h)))
+        scores["endogenous (centered)"] = (c[0::2], c[1::2])
+    scores["longer wins"] = (lengths[0::2], lengths[1::2])
+    scores["shorter wins"] = (-lengths[0::2], -lengths[1::2])
     if cfg.judge:
         margins = np.array(run_pool(judge_requests(pairs, tokenizer, cfg.reward), JudgeScorer, cfg, "judge_margin", "LLM judge"))
         chosen_margin = (margins[0::2] - margins[1::2]) / 2  # chosen as A minus chosen as B: position bias cancels
         scores["LLM-as-a-judge (both orders)"] = (chosen_margin, np.zeros_like(chosen_margin))
 
     subsets = np.array(pairs["subset"].to_pylist())
-    table = accuracy_table(subsets, scores)
+    table = accuracy_table(subsets, scores, lengths=(lengths[0::2], lengths[1::2]))
     counts = {s: int((subsets == s).sum()) for s in sorted(set(subsets.tolist()))}
     report = {"data": cfg.data, "model": cfg.model.name, "pairs": pairs.num_rows, "skipped": skipped,
               "truncated_rows": truncated, "counts": counts, "accuracy": table, "config": to_dict(cfg)}

@@ -32,6 +32,8 @@ class EndoRewardConfig:
     system_prompt: str = opt("", "system prompt that conditions the reward on a domain or principle (empty: none)")
     truncated_terminal: Literal["zero", "value"] = opt(
         "zero", "V(s_{H+1}) for a response cut without EOS: zero (paper) or value (the model's real V there)")
+    form: Literal["raw", "centered"] = opt(
+        "raw", "token reward: raw = Q - V(s_{h+1}) (paper); centered = alpha*(log pi(a_h|s_h) + H(pi(.|s_h))), zero-mean under the model")
     normalize: Literal["none", "mean"] = opt("none", "response reward: none = sum of r_h, mean = sum / length")
     truncation: Literal["left", "error"] = opt("left", "prompt+response over the window: left = drop oldest prompt tokens, error = refuse")
     pack_tokens: int = opt(512, "tokens per packed forward pass; attention cost grows with it (512 was fastest on CPU)")
@@ -113,17 +115,20 @@ def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray
     return out.last_hidden_state[0]
 
 
-def head_statistics(model, hidden: torch.Tensor, targets: torch.Tensor, alpha: float, chunk: int):
-    """At each row of `hidden`: Q of its target token, V = alpha*lse(f/alpha), and lse(f), all float32."""
+def head_statistics(model, hidden: torch.Tensor, targets: torch.Tensor, alpha: float, chunk: int, expected_f: bool = False):
+    """At each row of `hidden`: Q of its target token, V = alpha*lse(f/alpha), lse(f) and (if `expected_f`, else
+    zeros: it costs a vocabulary-wide softmax) E_pi[f], all float32."""
     lm_head = model.get_output_embeddings()
-    q, v, lse = [], [], []
+    q, v, lse, mean_f = [], [], [], []
     for start in range(0, hidden.shape[0], chunk):
         logits = lm_head(hidden[start:start + chunk]).float()  # float32 even when the model runs in bf16
         lse_1 = torch.logsumexp(logits, dim=-1)
         q.append(logits.gather(-1, targets[start:start + chunk, None]).squeeze(-1))
         v.append(lse_1 if alpha == 1.0 else alpha * torch.logsumexp(logits / alpha, dim=-1))  # V(s) = alpha*lse(Q/alpha)
         lse.append(lse_1)
-    return torch.cat(q), torch.cat(v), torch.cat(lse)
+        mean_f.append((torch.softmax(logits / alpha, dim=-1) * logits).sum(-1) if expected_f  # E_{a~pi}[f(s)[a]], pi = softmax(f/alpha)
+                      else torch.zeros_like(lse_1))
+    return torch.cat(q), torch.cat(v), torch.cat(lse), torch.cat(mean_f)
 
 
 @torch.no_grad()
@@ -150,8 +155,9 @@ def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list
                 response_start += h
             start = response_start
         rows_t = torch.cat(rows).to(hidden.device)
-        q, v, lse = head_statistics(model, hidden[rows_t], torch.cat(targets).to(hidden.device), cfg.alpha, cfg.logit_chunk)
-        q, v, lse = q.cpu().double(), v.cpu().double(), lse.cpu().double()
+        q, v, lse, mean_f = head_statistics(model, hidden[rows_t], torch.cat(targets).to(hidden.device), cfg.alpha, cfg.logit_chunk,
+                                            expected_f=cfg.form == "centered")
+        q, v, lse, mean_f = q.cpu().double(), v.cpu().double(), lse.cpu().double(), mean_f.cpu().double()
         offset = 0
         for i in order:
             h = len(response_ids[i])
@@ -160,7 +166,11 @@ def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list
             v_next = v_i[1:].clone()  # V(s_{h+1}) for h = 1..H
             if h and (finished[i] or cfg.truncated_terminal == "zero"):
                 v_next[-1] = 0.0  # terminal: V(s_{H+1}) := 0
-            r = q_i - v_next  # r_h = Q(s_h, a_h) - V(s_{h+1})
+            if cfg.form == "centered":
+                # c_h = alpha*(log pi(a_h|s_h) + H(pi(.|s_h))) = (Q - V(s_h)) + (V(s_h) - E_pi[f(s_h)]) = Q(s_h, a_h) - E_pi[f(s_h)]
+                r = q_i - mean_f[offset - h - 1:offset - 1]
+            else:
+                r = q_i - v_next  # r_h = Q(s_h, a_h) - V(s_{h+1})
             token_rewards[i] = r.float().numpy()
             ref_logprobs[i] = (q_i - lse_i).float().numpy()  # log pi_ref(a_h|s_h) = f[a_h] - lse(f)
             total = r.sum().item()

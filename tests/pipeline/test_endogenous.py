@@ -123,3 +123,46 @@ def test_alpha_must_be_positive():
     with pytest.raises(ValueError, match="reward.alpha must be > 0"):
         EndoRewardConfig(alpha=0)
     assert dataclasses.replace(EndoRewardConfig(), alpha=2.0).alpha == 2.0
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_centered_form_matches_float64_reference_per_token(tiny, alpha):
+    model, tokenizer = tiny
+    prompts, responses = encoded(tokenizer)
+    prompts.append(prompts[0])  # shares the first prompt when packed
+    responses.append(responses[1])
+    cfg = EndoRewardConfig(alpha=alpha, form="centered", pack_tokens=64, logit_chunk=5)
+    scores = score_endogenous(model, prompts, responses, [True] * 4, cfg)
+    raw = score_endogenous(model, prompts, responses, [True] * 4, EndoRewardConfig(alpha=alpha))
+    for i in range(4):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompts[i] + responses[i]])).logits[0].double()
+        P, H = len(prompts[i]), len(responses[i])
+        logpi = torch.log_softmax(logits[P - 1:P + H - 1] / alpha, dim=1)    # log pi(.|s_h), h = 1..H
+        log_pi_a = logpi.gather(1, torch.tensor(responses[i])[:, None]).squeeze(1)
+        entropy = -(logpi.exp() * logpi).sum(1)                              # H(pi(.|s_h))
+        c = alpha * (log_pi_a + entropy)
+        assert np.abs(scores.token_rewards[i] - c.numpy()).max() < 1e-4
+        assert abs(scores.rewards[i] - c.sum().item()) < 1e-3
+        np.testing.assert_allclose(scores.ref_logprobs[i], raw.ref_logprobs[i], atol=1e-6)  # KL term unchanged
+        assert np.abs(scores.token_rewards[i] - raw.token_rewards[i]).max() > 1e-2  # a different reward
+
+
+def test_form_reaches_the_rl_scorer_and_the_reward_api(tiny_model_dir, tiny):
+    """The RL/score/eval actor and the reward server pass --reward.form through to score_endogenous."""
+    from actors.base_model import EndogenousScorer
+    from pipeline.arrow import request_table
+    from pipeline.models import ModelConfig
+    from pipeline.reward_api import RequestError, request_reward_config
+
+    model, tokenizer = tiny
+    prompts, responses = encoded(tokenizer)
+    scorer = EndogenousScorer(ModelConfig(name=tiny_model_dir), EndoRewardConfig(form="centered"))
+    batch = scorer(request_table(prompts, responses, [True] * 3))
+    direct = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(form="centered"))
+    np.testing.assert_allclose(batch["reward"].to_numpy(), direct.rewards, atol=1e-4)
+    raw = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig())
+    assert np.abs(batch["reward"].to_numpy() - raw.rewards).max() > 1e-2
+    assert request_reward_config(EndoRewardConfig(), {"form": "centered"}, None).form == "centered"
+    with pytest.raises(RequestError, match="reward.form"):
+        request_reward_config(EndoRewardConfig(), {"form": "median"}, None)
