@@ -70,8 +70,10 @@ def test_rlhf_runs_across_nodes_writes_to_storage_and_resumes(cluster, shared_mo
     assert [row["step"] for row in before] == [0, 1, 2]
     assert (storage / "curves.png").stat().st_size > 1000
 
-    # a second job continues from the newest checkpoint on the storage: the learners load it on worker1
-    second = cluster.submit_cli(rlhf_args(shared_model, storage, "--steps", "3", "--resume"), timeout_s=900)
+    # a second job continues from the newest checkpoint on the storage: the learners load it on worker1; one more
+    # step moves the (constant) LR schedule's end, which a resume refuses unless it is named
+    second = cluster.submit_cli(rlhf_args(shared_model, storage, "--steps", "3", "--resume", "--resume_force", "steps"),
+                                timeout_s=900)
     assert second.status == "SUCCEEDED", second.output[-6000:]
     rows = metrics(storage)
     assert [row["step"] for row in rows] == [0, 1, 2, 3] and rows[:3] == before  # kept as they were

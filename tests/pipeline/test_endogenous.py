@@ -157,7 +157,8 @@ def test_form_reaches_the_rl_scorer_and_the_reward_api(tiny_model_dir, tiny):
 
     model, tokenizer = tiny
     prompts, responses = encoded(tokenizer)
-    scorer = EndogenousScorer(ModelConfig(name=tiny_model_dir), EndoRewardConfig(form="centered"))
+    # float32 as the `tiny` fixture; auto would be bf16 on an avx512_bf16 CPU
+    scorer = EndogenousScorer(ModelConfig(name=tiny_model_dir, dtype="float32"), EndoRewardConfig(form="centered"))
     batch = scorer(request_table(prompts, responses, [True] * 3))
     direct = score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(form="centered"))
     np.testing.assert_allclose(batch["reward"].to_numpy(), direct.rewards, atol=1e-4)
