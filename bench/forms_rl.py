@@ -1,6 +1,6 @@
 """RL with the raw endogenous reward vs a length-robust form: same config and seed, judged independently.
 
-    .venv/bin/python -m bench.forms_rl --robust "--reward.form pmi --reward.normalize mean"
+    .venv/bin/python -m bench.forms_rl --robust "--reward.form centered"
     .venv/bin/python -m bench.forms_rl --robust "..." --skip_runs     # only judge and plot finished runs
 
 Runs jobs.rlhf (configs/local.yaml) once per arm into runs/forms_<arm>/, then judges the held-out samples each

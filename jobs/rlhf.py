@@ -110,13 +110,13 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
                          f"Fix: train one with jobs.train_rm and pass its final folder, on storage every node mounts.")
 
 
-def check_resume(cfg: RLConfig, checkpoint: str) -> None:
+def check_resume(cfg: RLConfig, checkpoint: str, implied: list[str]) -> None:
     """Before any actor starts: the new config against the one saved with the checkpoint (pipeline/resume.py)."""
     storage = Storage(cfg.storage)
     if not storage.exists(f"{checkpoint}/config.yaml"):
         print(f"--resume: {storage.location_of(checkpoint)} holds no config.yaml; the config is not compared", flush=True)
         return
-    forced = check_resume_config(storage.read_text(f"{checkpoint}/config.yaml"), to_dict(cfg), cfg.resume_force,
+    forced = check_resume_config(storage.read_text(f"{checkpoint}/config.yaml"), to_dict(cfg), cfg.resume_force + implied,
                                  storage.location_of(checkpoint))
     if forced:
         print(f"--resume: continuing with the intended changes to {', '.join(forced)} (--resume_force)", flush=True)
@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> str:
     resume = latest_checkpoint(cfg.storage) if cfg.resume else None
     if cfg.resume and resume is None:
         raise SystemExit(f"--resume: no complete checkpoint under {cfg.storage}/checkpoints. Fix: drop --resume or fix --storage.")
+    derived_total_steps = not cfg.learner.total_steps
     cfg.learner.total_steps = cfg.learner.total_steps or cfg.steps * cfg.learner.ppo_epochs
     if resume:
-        check_resume(cfg, resume[0])
+        # a total_steps left to follow steps x ppo_epochs changes with them: forcing those forces it too
+        implied = ["learner.total_steps"] if derived_total_steps and {"steps", "learner.ppo_epochs"} & set(cfg.resume_force) else []
+        check_resume(cfg, resume[0], implied)
 
     init_ray(cfg.ray, cfg.model.device)
     from actors.groups import RLWorkers  # imports vLLM/DeepSpeed wrappers only once the config is known good

@@ -46,7 +46,7 @@ class RolloutConfig:
                             "distribution, which the learner does not reproduce)")
     max_new_tokens: int = opt(64, "response length limit; a response cut here has no EOS (finished = false)")
     max_prompt_tokens: int = opt(512, "longest prompt accepted (engine context = this + max_new_tokens + 1)")
-    seed: int = opt(0, "engine i samples with seed + i")
+    seed: int = opt(0, "engine i's own generator: LLM(seed=seed + i), used only by requests without a seed (the RL loop's per-sample seeds hash the run's --seed)")
     gpu_memory_utilization: float = opt(0.5, "fraction of GPU memory for vLLM (weights + KV cache); unused on CPU")
     cpus_per_engine: float = opt(1, "CPUs per engine actor; on CPU the engine's OpenMP threads bind to as many cores")
     gpus_per_engine: float = opt(0, "GPUs per engine actor (0 with --model.device cuda = 1)")

@@ -84,5 +84,7 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, tiny_mo
     with pytest.raises(AssertionError, match="started Ray"):  # only a free field changed: past the check, to Ray
         rlhf.main([*base, "--resume", "--checkpoint_every", "1"])
     with pytest.raises(AssertionError, match="started Ray"):  # every difference named: the resume goes on
-        rlhf.main([*base[:-1], "6", "--rollout.engines", "2", "--resume",
-                   "--resume_force", "steps,learner.total_steps,rollout.engines"])
+        rlhf.main([*base[:-1], "6", "--rollout.engines", "2", "--resume", "--resume_force", "steps,rollout.engines"])
+    # learner.total_steps follows steps when left at 0, so naming steps was enough; set by hand, it is its own field
+    with pytest.raises(SystemExit, match=r"learner.total_steps: 4 -> 9"):
+        rlhf.main([*base[:-1], "6", "--learner.total_steps", "9", "--resume", "--resume_force", "steps"])

@@ -336,7 +336,8 @@ def test_rl_with_the_served_reward_gives_the_same_metrics(server, tmp_path, tiny
     before, runs = served_requests(), {}
     for name, extra in [("in_process", []), ("served", ["--reward.remote_url", server.url + "/get_reward",
                                                                "--reward.remote_batch_items", "8"])]:
-        rlhf.main(["--local", "--model.name", tiny_model_dir, "--rollout_dtype", "float32", "--steps", "1",
+        rlhf.main(["--local", "--model.name", tiny_model_dir, "--model.dtype", "float32", "--learner.dtype", "float32",
+                   "--rollout_dtype", "float32", "--steps", "1",
                    "--prompts_per_step", "2", "--rollout.n_samples", "2", "--rollout.max_new_tokens", "8",
                    "--rollout.max_prompt_tokens", "128", "--learner.ranks", "2", "--learner.zero_stage", "2",
                    "--learner.lr", "1e-3", "--eval_every", "1", "--sync_check_every", "0", "--checkpoint_every", "0",
