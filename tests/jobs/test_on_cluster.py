@@ -11,7 +11,7 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.runlog import MARKER
+from pipeline.runlog import MARKER, metrics_history
 from tests.multinode import NodeSpec
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,8 @@ def rlhf_args(model: str, storage, *extra) -> list[str]:
 
 
 def metrics(storage) -> list[dict]:
-    return [json.loads(line) for line in (storage / "metrics.jsonl").read_text().splitlines()]
+    """The run's rows as the run log reads them back (a resume appends a {"resumed_from": step} record)."""
+    return metrics_history((storage / "metrics.jsonl").read_text())
 
 
 def test_rlhf_runs_across_nodes_writes_to_storage_and_resumes(cluster, shared_model):
@@ -77,6 +78,7 @@ def test_rlhf_runs_across_nodes_writes_to_storage_and_resumes(cluster, shared_mo
     assert second.status == "SUCCEEDED", second.output[-6000:]
     rows = metrics(storage)
     assert [row["step"] for row in rows] == [0, 1, 2, 3] and rows[:3] == before  # kept as they were
+    assert '{"resumed_from": 2}' in (storage / "metrics.jsonl").read_text()  # appended, not rewritten
     assert (storage / "checkpoints" / "step_000003" / MARKER).exists()
 
 
