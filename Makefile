@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install-gpu eval-hh eval-llmbar bench clean
+.PHONY: run test test-fast install-gpu eval-hh eval-llmbar bench bench-trl clean
 
 $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,18 @@ $(GPU_STAMP): constraints-gpu.txt pyproject.toml
 		print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'vllm', v('vllm'), 'deepspeed', v('deepspeed'))"
 	touch $@
 
+# TRL for bench/vs_trl.py only, in its own venv: never a dependency of EndoRL.
+TRL_VENV := .venv-trl
+
+$(TRL_VENV)/.installed: constraints.txt
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install -q torch==2.13.0
+	$(TRL_VENV)/bin/pip install -q -c constraints.txt trl==1.16.0 transformers accelerate datasets
+	touch $@
+
+bench-trl: $(STAMP) $(TRL_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m bench.vs_trl
+
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.rlhf --config configs/local.yaml
 
@@ -50,4 +62,4 @@ test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) outputs runs
+	rm -rf $(VENV) $(GPU_VENV) $(TRL_VENV) outputs runs
