@@ -24,12 +24,13 @@ from pipeline.driver import rl_loop, tokenize_prompts
 from pipeline.remote_reward import RLRewardConfig
 from pipeline.reward_api import AuthConfig, read_token
 from pipeline.experience import AdvantageConfig
+from pipeline.export import FINAL, ExportError, export_policy
 from pipeline.models import ModelConfig, open_model
 from pipeline.policy import LearnerConfig
 from pipeline.precision import DType, summarize
 from pipeline.rollout import RolloutConfig
 from pipeline.resume import check_resume_config
-from pipeline.runlog import RunLog, latest_checkpoint, plot_curves
+from pipeline.runlog import CHECKPOINTS, MARKER, RunLog, latest_checkpoint, plot_curves
 from pipeline.sentence_rm import CONFIG_FILE
 from pipeline.storage import Storage, check_location
 
@@ -54,6 +55,10 @@ class RLConfig:
     wait_timeout_s: float = opt(1800, "longest the driver waits for one phase (rollout, score, experience, sync, "
                                       "evaluation, actor start): then a TimeoutError naming the phase, not a hang")
     checkpoint_every: int = opt(10, "save a checkpoint every K steps (and at the end); 0 = never")
+    export: bool = opt(True, "at the end, write the trained policy to STORAGE/final_policy as a Hugging Face model "
+                             "folder (safetensors, tokenizer, generation config; transformers and vLLM load it as is), "
+                             "from the last step's checkpoint (one is saved then if --checkpoint_every 0). Later: "
+                             "python -m jobs.export STORAGE")
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
     sync_tolerance: float = opt(0.0, "max |log-prob diff| the sync check accepts; 0 = 1e-3 when engine and learners "
@@ -170,13 +175,36 @@ def main(argv: list[str] | None = None) -> str:
             print(f"{role}: {summarize(records)}", flush=True)
         try:
             rl_loop(cfg, workers, train_ids, heldout_ids, log, start_step)
+            if cfg.export:
+                save_last_checkpoint(cfg, workers, log)
         finally:
             log.close()
     finally:
         workers.shutdown()
     plot_curves(log.history(), log.storage)
     print(f"done: {cfg.storage}/metrics.jsonl, {cfg.storage}/curves.png, tensorboard --logdir {cfg.storage}/tensorboard")
+    if cfg.export:
+        export_final(cfg)
     return cfg.storage
+
+
+def save_last_checkpoint(cfg: RLConfig, workers, log: RunLog) -> None:
+    """The export reads the last step's checkpoint: the loop saved one unless --checkpoint_every is 0. Then it is
+    saved here, so the export has one code path (the one jobs.export runs) and can be redone from the run folder."""
+    if not Storage(cfg.storage).exists(f"{CHECKPOINTS}/step_{cfg.steps:06d}/{MARKER}"):
+        print(f"--export: saving a checkpoint of the last step ({cfg.steps}) to export from", flush=True)
+        workers.save(log.checkpoint_dir(cfg.steps), {"step": cfg.steps})
+
+
+def export_final(cfg: RLConfig) -> str:
+    """STORAGE/final_policy from the last step's checkpoint, on this process, after every actor is gone."""
+    output = Storage(cfg.storage).location_of(FINAL)
+    try:  # the run's own final policy: a rerun or a resume replaces it
+        export_policy(cfg.storage, step=cfg.steps, output=output, overwrite=True)
+    except ExportError as e:
+        raise SystemExit(f"--export: {e}")
+    print(f"exported the policy to {output} (Hugging Face folder: transformers from_pretrained, vllm serve)", flush=True)
+    return output
 
 
 if __name__ == "__main__":
