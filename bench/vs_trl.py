@@ -56,7 +56,7 @@ def run_endorl(args) -> list[dict]:
                "--steps", str(args.steps), "--prompts_per_step", str(args.prompts_per_step), "--rollout.n_samples",
                str(args.n_samples), "--rollout.max_new_tokens", str(args.max_new_tokens), "--learner.kl_coef",
                str(args.beta), "--learner.lr", str(args.lr), "--eval_every", "0", "--checkpoint_every", "0",
-               "--sync_check_every", "0"]
+               "--sync_check_every", "0", "--export", "false"]
     subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     rows = [json.loads(line) for line in open(os.path.join(storage, "metrics.jsonl")) if '"time/step"' in line]
     return [{"step": r["time/step"], "rollout": r.get("time/rollout", 0.0),
