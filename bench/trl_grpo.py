@@ -23,26 +23,21 @@ class Timed(GRPOTrainer):
 
     phase_seconds: dict
 
-    def _generate(self, *args, **kwargs):
+    def _timed(self, phase: str, method, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return super()._generate(*args, **kwargs)
+            return method(*args, **kwargs)
         finally:
-            self.phase_seconds["rollout"] += time.perf_counter() - start
+            self.phase_seconds[phase] += time.perf_counter() - start
+
+    def _generate(self, *args, **kwargs):
+        return self._timed("rollout", super()._generate, *args, **kwargs)
 
     def _calculate_rewards(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return super()._calculate_rewards(*args, **kwargs)
-        finally:
-            self.phase_seconds["reward"] += time.perf_counter() - start
+        return self._timed("reward", super()._calculate_rewards, *args, **kwargs)
 
     def _generate_and_score_completions(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return super()._generate_and_score_completions(*args, **kwargs)
-        finally:
-            self.phase_seconds["generate_and_score"] += time.perf_counter() - start
+        return self._timed("generate_and_score", super()._generate_and_score_completions, *args, **kwargs)
 
 
 class StepTimer(TrainerCallback):

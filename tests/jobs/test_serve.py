@@ -340,7 +340,7 @@ def test_rl_with_the_served_reward_gives_the_same_metrics(server, tmp_path, tiny
                    "--rollout_dtype", "float32", "--steps", "1",
                    "--prompts_per_step", "2", "--rollout.n_samples", "2", "--rollout.max_new_tokens", "8",
                    "--rollout.max_prompt_tokens", "128", "--learner.ranks", "2", "--learner.zero_stage", "2",
-                   "--learner.lr", "1e-3", "--eval_every", "1", "--sync_check_every", "0", "--checkpoint_every", "0",
+                   "--learner.lr", "1e-3", "--eval_every", "1", "--sync_check_every", "0", "--checkpoint_every", "0", "--export", "false",
                    "--storage", str(tmp_path / name), *extra])
         runs[name] = [json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")]
     # the served run did ask the server: a step's 4 rows, and 2 evaluations (before and after it) x 32 rows, in
