@@ -10,7 +10,8 @@ ray.remote(PolicyLearner)`. The math is in pipeline/policy.py; this file only pl
     would JIT-build FusedAdam), a LambdaLR warm-up/cosine schedule, ZeRO stage 0..3. DeepSpeed's bf16 mode is
     never on (it makes the params bf16); a bf16 compute dtype (LearnerConfig.dtype, auto resolved on this
     rank's node) runs the forward and loss under torch.autocast instead, backward outside it.
-  - one train_step = ppo_epochs passes over this rank's rows in micro-batches of `micro_batch_size`, one
+  - one train_step = ppo_epochs passes over this rank's rows in packed micro-batches (at most
+    `micro_batch_size` rows and `micro_batch_tokens` tokens, pipeline/policy.py: micro_batches), one
     optimizer step per pass (gradient accumulation = number of micro-batches, set per call). The rows are
     taken in order, never shuffled, so a resumed run repeats a step exactly.
   - a rank's loss is the token mean over all its rows: each micro-batch mean is weighted by its share of the
@@ -18,8 +19,8 @@ ray.remote(PolicyLearner)`. The math is in pipeline/policy.py; this file only pl
     micro_batch_size; DeepSpeed then averages the ranks' gradients. Metrics are weighted the same way.
   - every rank must run the same number of micro-batches (ZeRO reduces gradients, and at stage 3 gathers
     weights, collectively). `shard` pads a batch to a multiple of the world size with rows whose response
-    is empty (no tokens: they add nothing to any masked mean) and gives rank r the rows r::world, so all
-    ranks hold the same number of rows and hence of micro-batches.
+    is empty (no tokens: they add nothing to any masked mean) and gives rank r the rows r::world; each rank
+    plans every rank's micro-batches and splits its own until it has as many as the rank with most.
 
 `LearnerGroup` (driver side) reserves one placement-group bundle per rank (all or nothing, PACK), asks a probe
 task in rank 0's bundle for its node IP and a free port (the torch.distributed rendezvous lives on rank 0),
@@ -47,8 +48,8 @@ from pipeline.arrow import padded_to_ragged, ragged_to_numpy, ragged_to_padded
 from pipeline.models import ModelConfig, check_device, load_causal_lm, resolve_model
 from pipeline.precision import DTYPES, autocast, precision_record
 from pipeline.storage import Storage
-from pipeline.policy import (LearnerConfig, critic_forward, critic_loss, load_critic, lr_lambda, policy_forward,
-                             policy_loss)
+from pipeline.policy import (LearnerConfig, critic_forward, critic_loss, load_critic, lr_lambda, micro_batches,
+                             policy_forward, policy_loss, split_to)
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 ROLES = ("policy", "critic")
@@ -114,6 +115,12 @@ class PolicyLearner:
         else:
             model, lr = load_critic(model_path, model_cfg.device, cfg.seed), cfg.critic_lr
         # dropout stays off (eval mode): the PPO ratio compares one deterministic function before and after
+        if cfg.gradient_checkpointing:  # transformers checkpoints only in train mode: zero every dropout first
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -150,9 +157,19 @@ class PolicyLearner:
         """Ragged per-token floats -> a right-padded [B, T] float32 tensor on the engine's device."""
         return ragged_to_padded(rows)[0].to(self.engine.device)
 
-    def _micro_batches(self, num_rows: int) -> list[slice]:
-        size = self.cfg.micro_batch_size
-        return [slice(start, start + size) for start in range(0, num_rows, size)]
+    def _packs(self, table: pa.Table) -> list[list[int]]:
+        return micro_batches(ragged_to_numpy(table["prompt_ids"]), ragged_to_numpy(table["response_ids"]),
+                             self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+
+    def _plan(self, batch: pa.Table, full_batch: bool) -> tuple[pa.Table, int, list[list[int]]]:
+        """(this rank's rows, how many of them are real, its micro-batches). With full_batch every rank plans
+        every rank's shard, so all run the same number of micro-batches (the collectives need it)."""
+        if not full_batch:
+            return batch, batch.num_rows, self._packs(batch)
+        shards = [shard(batch, rank, self.world_size) for rank in range(self.world_size)]
+        packs = [self._packs(table) for table, _ in shards]
+        table, real = shards[self.rank]
+        return table, real, split_to(packs[self.rank], max(map(len, packs)))
 
     # --------------------------------------------------------------------------------------------- train
 
@@ -163,26 +180,25 @@ class PolicyLearner:
         Critic columns: prompt_ids, response_ids, returns, and `values` (old values) when the batch has them;
         without them the critic's current values are computed first (the ones GAE used, if no step came since).
         """
-        if full_batch:
-            batch, _ = shard(batch, self.rank, self.world_size)
+        batch, _, packs = self._plan(batch, full_batch)
         names = COLUMNS[self.role] + (("values",) if self.role == "critic" and "values" in batch.column_names else ())
         columns = self._columns(batch, names)
-        micro_batches = self._micro_batches(batch.num_rows)
         # gradient accumulation = micro-batches per pass (DeepSpeed's step bookkeeping)
-        self.engine.set_train_batch_size(self.cfg.micro_batch_size * len(micro_batches) * self.world_size)
+        self.engine.set_train_batch_size(self.cfg.micro_batch_size * len(packs) * self.world_size)
         lr = self.engine.get_lr()[0]
         if self.role == "critic" and "values" not in columns:  # the values the returns were computed with
-            columns["values"] = self._values(columns)
+            columns["values"] = self._values(columns, packs)
         # token weights: w_m = tokens(m) / tokens(rank), so sum_m w_m * mean_m(loss) is the token mean over
         # all of this rank's rows, whatever the micro-batch size; padding rows have no tokens
         lengths = np.array([len(r) for r in columns["response_ids"]])
-        weights = [lengths[rows].sum() / max(lengths.sum(), 1) for rows in micro_batches]
+        weights = [lengths[rows].sum() / max(lengths.sum(), 1) for rows in packs]
         totals, grad_norms = {}, []
         for _ in range(self.cfg.ppo_epochs):
-            for i, (rows, weight) in enumerate(zip(micro_batches, weights)):
-                self.engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
+            for i, (rows, weight) in enumerate(zip(packs, weights)):
+                self.engine.set_gradient_accumulation_boundary(i == len(packs) - 1)
                 with self._autocast():
-                    loss, metrics = self._loss({name: column[rows] for name, column in columns.items()}, temperature)
+                    loss, metrics = self._loss({name: [column[i] for i in rows] for name, column in columns.items()},
+                                               temperature)
                 self.engine.backward(loss * weight, scale_wrt_gas=False)
                 self.engine.step()  # an optimizer step only at the boundary
                 for name, value in metrics.items():
@@ -197,37 +213,41 @@ class PolicyLearner:
             old_values, returns = self._per_token(rows["values"]), self._per_token(rows["returns"])
             return critic_loss(values, old_values, returns, mask, self.cfg)
         logprobs, entropy, mask = policy_forward(self.engine, rows["prompt_ids"], rows["response_ids"], temperature,
-                                                 entropy_grad=self.cfg.entropy_coef != 0)
+                                                 entropy_grad=self.cfg.entropy_coef != 0, logit_chunk=self.cfg.logit_chunk)
         return policy_loss(logprobs, self._per_token(rows["sample_logprobs"]), self._per_token(rows["ref_logprobs"]),
                            self._per_token(rows["advantages"]), mask, self.cfg, entropy=entropy)
 
     # ----------------------------------------------------------------------------------------- inference
 
     @torch.no_grad()
-    def _values(self, columns: dict[str, list[np.ndarray]]) -> list[np.ndarray]:
-        out = []
-        for rows in self._micro_batches(len(columns["prompt_ids"])):
+    def _values(self, columns: dict[str, list[np.ndarray]], packs: list[list[int]]) -> list[np.ndarray]:
+        out = [None] * len(columns["prompt_ids"])
+        for rows in packs:
             with self._autocast():
-                values, mask = critic_forward(self.engine, columns["prompt_ids"][rows], columns["response_ids"][rows])
-            out += padded_to_ragged(values, mask)
+                values, mask = critic_forward(self.engine, [columns["prompt_ids"][i] for i in rows],
+                                              [columns["response_ids"][i] for i in rows])
+            for i, value in zip(rows, padded_to_ragged(values, mask)):
+                out[i] = value
         return out
 
     def values(self, batch: pa.Table, full_batch: bool = False) -> list[np.ndarray]:
         """Critic role: V(s_j) for every response token of every (real) row."""
-        batch, real = shard(batch, self.rank, self.world_size) if full_batch else (batch, batch.num_rows)
-        return self._values(self._columns(batch, ("prompt_ids", "response_ids")))[:real]
+        batch, real, packs = self._plan(batch, full_batch)
+        return self._values(self._columns(batch, ("prompt_ids", "response_ids")), packs)[:real]
 
     @torch.no_grad()
     def logprobs(self, batch: pa.Table, temperature: float = 1.0, full_batch: bool = False) -> list[np.ndarray]:
         """Policy role: log pi(a_j | s_j) at `temperature` for every response token (the parity probe)."""
-        batch, real = shard(batch, self.rank, self.world_size) if full_batch else (batch, batch.num_rows)
+        batch, real, packs = self._plan(batch, full_batch)
         columns = self._columns(batch, ("prompt_ids", "response_ids"))
-        out = []
-        for rows in self._micro_batches(batch.num_rows):
+        out = [None] * batch.num_rows
+        for rows in packs:
             with self._autocast():  # as in training: the ratio's log pi_theta and this probe agree
-                logprobs, _, mask = policy_forward(self.engine, columns["prompt_ids"][rows],
-                                                   columns["response_ids"][rows], temperature, entropy_grad=False)
-            out += padded_to_ragged(logprobs, mask)
+                logprobs, _, mask = policy_forward(self.engine, [columns["prompt_ids"][i] for i in rows],
+                                                   [columns["response_ids"][i] for i in rows], temperature,
+                                                   entropy_grad=False, logit_chunk=self.cfg.logit_chunk)
+            for i, row in zip(rows, padded_to_ragged(logprobs, mask)):
+                out[i] = row
         return out[:real]
 
     # --------------------------------------------------------------------------------- weights and state

@@ -84,8 +84,9 @@ def prompt_shared_packs(prompt_ids: list, response_ids: list, budget: int):
         yield pack_groups, [(np.asarray(prompt_ids[g[0]]), [np.asarray(response_ids[i]) for i in g]) for g in pack_groups]
 
 
-def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray]]]) -> torch.Tensor:
-    """Last hidden states [T, d] of (prompt, [responses]) segments packed into one forward pass, no padding.
+def prompt_shared_inputs(segments: list[tuple[np.ndarray, list[np.ndarray]]], device) -> tuple[torch.Tensor, ...]:
+    """(input_ids [1, N], position_ids [1, N], attention mask [1, 1, N, N]) of (prompt, [responses]) segments packed
+    into one sequence, no padding.
 
     Layout: prompt_1, responses of 1 ..., prompt_2, ... A response attends to its own prompt and to itself
     (tree mask); its position ids continue from the prompt, as if it were alone after that prompt.
@@ -101,7 +102,6 @@ def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray
             positions.append(np.arange(len(prompt), len(prompt) + len(response)))
             segment_of.append(np.full(len(response), s))
             branch_of.append(np.full(len(response), b))
-    device = model.device
     segment = torch.from_numpy(np.concatenate(segment_of)).to(device)
     branch = torch.from_numpy(np.concatenate(branch_of)).to(device)
     index = torch.arange(len(segment), device=device)
@@ -110,8 +110,13 @@ def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray
                & ((branch[None, :] == -1) | (branch[None, :] == branch[:, None])))
     input_ids = torch.from_numpy(np.concatenate(tokens).astype(np.int64)).to(device)[None]
     position_ids = torch.from_numpy(np.concatenate(positions)).to(device)[None]
-    out = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=allowed[None, None],
-                           use_cache=False)
+    return input_ids, position_ids, allowed[None, None]
+
+
+def packed_hidden_states(model, segments: list[tuple[np.ndarray, list[np.ndarray]]]) -> torch.Tensor:
+    """Last hidden states [T, d] of (prompt, [responses]) segments packed into one forward pass (prompt_shared_inputs)."""
+    input_ids, position_ids, allowed = prompt_shared_inputs(segments, model.device)
+    out = model.base_model(input_ids=input_ids, position_ids=position_ids, attention_mask=allowed, use_cache=False)
     return out.last_hidden_state[0]
 
 

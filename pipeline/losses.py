@@ -54,9 +54,14 @@ def value_loss(
     return 0.5 * masked_mean(squared_error, mask)
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it is float64: log-softmax statistics never run in bf16."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) at each position, float32, shape logits.shape[:-1] (e.g. [B, T])."""
-    logits = logits.float()
+    logits = wide(logits)
     log_normaliser = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - log_normaliser.unsqueeze(-1))
     # entropy: H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v
@@ -69,7 +74,53 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tenso
     Only one float32 copy of the logits is made (for the log-sum-exp); the chosen logits are
     gathered from the original tensor and cast up, which is exact.
     """
-    log_normaliser = torch.logsumexp(logits.float(), dim=-1)
-    chosen = logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).float()
+    log_normaliser = torch.logsumexp(wide(logits), dim=-1)
+    chosen = wide(logits.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1))
     # log-prob: log p(x_t) = z_{x_t} - logsumexp(z)
     return chosen - log_normaliser
+
+
+class ChunkedLogProbsEntropy(torch.autograd.Function):
+    """(log softmax(z / T)[target], entropy of softmax(z / T)) per row of logits z [R, V], float32, computed over
+    `chunk` rows at a time in the forward and again in the backward, so no float32 [R, V] tensor is kept for
+    backward: only `logits` itself, in the dtype the model made it (bf16 under autocast)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int):
+        logprobs = wide(logits.new_empty(logits.shape[0]))
+        entropy = torch.empty_like(logprobs)
+        for start in range(0, logits.shape[0], chunk):
+            z = wide(logits[start:start + chunk]) / temperature
+            logprobs[start:start + chunk] = token_logprobs(z, targets[start:start + chunk])
+            entropy[start:start + chunk] = entropy_from_logits(z)
+        ctx.save_for_backward(logits, targets, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        logits, targets, entropy = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            z = wide(logits[rows]) / ctx.temperature
+            log_p = torch.log_softmax(z, dim=-1)
+            p = log_p.exp()
+            g = torch.zeros_like(z)
+            if grad_logprobs is not None:
+                # d log p_y / dz = onehot(y) - p
+                g -= p * grad_logprobs[rows, None]
+                g.scatter_add_(-1, targets[rows, None], grad_logprobs[rows, None])
+            if grad_entropy is not None:
+                # dH / dz = -p * (log p + H)
+                g -= p * (log_p + entropy[rows, None]) * grad_entropy[rows, None]
+            grad[rows] = (g / ctx.temperature).to(grad.dtype)  # chain rule through z / T
+        return grad, None, None, None
+
+
+def chunked_logprobs_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                             chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs [R], entropies [R]) of `targets` [R] under softmax(logits [R, V] / temperature); see
+    ChunkedLogProbsEntropy. Differentiable in both outputs."""
+    return ChunkedLogProbsEntropy.apply(logits, targets, temperature, chunk)

@@ -3,20 +3,21 @@
 Pure torch: no Ray, no DeepSpeed. `model` is anything called like a Hugging Face model (the HF model itself
 or the DeepSpeed engine wrapping it; the engine must be called, not bypassed, so its gradient hooks run).
 
-Batch layout: right padding. Row i is prompt_i + response_i, padded on the right to the longest row, with
-an attention mask. Positions count from 0 in every row, so padding at the end never changes a real token's
-output (causal attention) and no position ids are needed. Logits at position t predict token t+1: response
-token j of row i sits at position P_i + j and is predicted at position P_i + j - 1 (P_i = prompt length).
-The LM head runs only from the first such position on (`logits_to_keep`), then every row gathers its own
-columns into a [B, T] response grid (T = longest response). Log-softmax and entropy are float32.
+Batch layout: packed, no padding (`pack_rows`). A micro-batch is one sequence: each distinct prompt once, then
+the responses that share it, with position ids that restart at every prompt and a tree mask so that a response
+sees only its prompt and itself (the scorer's layout, pipeline/endogenous.py). Logits at position t predict
+token t+1, so response token j is predicted at the prompt's last token (j = 0) or at response token j - 1; the
+LM head runs only at those positions (`logits_to_keep` as an index tensor), and the log-softmax and entropy
+run in float32 over chunks of them. Results come back as a [B, T] response grid (T = longest response) with a
+mask, the layout of the losses.
 
 Precision: the models hold float32 weights; a bf16 learner calls these functions inside
 `pipeline.precision.autocast("bfloat16", device)`, so matmuls run in bf16 while the gradients and the
 optimizer's update land on the float32 weights (an lr-sized step that bf16 weights would round away).
 
 Critic: AutoModelForTokenClassification(num_labels=1) loaded from the policy's folder: the same backbone
-plus a fresh linear head (classifier dropout off). Its output at position P_i + j - 1 is V(s_j), the value of
-the state just before response token j, the same position whose logits predict token j.
+plus a fresh linear head (classifier dropout off). Its output at the position that predicts response token j
+is V(s_j), the value of the state just before token j.
 
 KL to the reference has two homes (`LearnerConfig.kl_mode`):
   k1_reward: r'_t = r_t - kl_coef * (log pi_old - log pi_ref) on the token rewards, before the advantages
@@ -33,9 +34,9 @@ import numpy as np
 import torch
 
 from pipeline.advantages import masked_mean
-from pipeline.arrow import ragged_to_padded
 from pipeline.config import opt
-from pipeline.losses import entropy_from_logits, kl_k1, kl_k3, ppo_clip_loss, token_logprobs, value_loss
+from pipeline.endogenous import group_by_prompt, prompt_shared_inputs
+from pipeline.losses import chunked_logprobs_entropy, kl_k1, kl_k3, ppo_clip_loss, value_loss
 from pipeline.precision import DType
 
 
@@ -51,7 +52,11 @@ class LearnerConfig:
     warmup_steps: int = opt(0, "optimizer steps of linear warm-up")
     lr_schedule: Literal["constant", "cosine"] = opt("constant", "after warm-up: constant, or cosine decay to 0")
     total_steps: int = opt(0, "optimizer steps for the cosine schedule (set by the RL job: iterations x ppo_epochs)")
-    micro_batch_size: int = opt(4, "rows per forward pass; gradient accumulation = rows per rank / micro batch")
+    micro_batch_size: int = opt(4, "most rows per forward pass; gradient accumulation = the micro-batches of a rank")
+    micro_batch_tokens: int = opt(0, "most packed tokens per forward pass (rows sharing a prompt share its tokens; "
+                                     "a longer row goes alone); 0 = no limit")
+    logit_chunk: int = opt(512, "response tokens per chunk of the log-softmax and entropy (bounds their float32 memory)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~1/3 more compute)")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
     clip_eps: float = opt(0.2, "PPO ratio clip epsilon")
     ppo_epochs: int = opt(1, "passes over each batch; one optimizer step per pass")
@@ -78,6 +83,9 @@ class LearnerConfig:
             raise ValueError(f"learner.ranks must be >= 1, got {self.ranks}.")
         if self.micro_batch_size < 1:
             raise ValueError(f"learner.micro_batch_size must be >= 1, got {self.micro_batch_size}.")
+        if self.micro_batch_tokens < 0 or self.logit_chunk < 1:
+            raise ValueError(f"learner.micro_batch_tokens must be >= 0 and learner.logit_chunk >= 1, got "
+                             f"{self.micro_batch_tokens} and {self.logit_chunk}.")
         if self.ppo_epochs < 1:
             raise ValueError(f"learner.ppo_epochs must be >= 1, got {self.ppo_epochs}.")
         if not self.cpus_per_rank > 0:
@@ -105,43 +113,98 @@ def lr_lambda(cfg: LearnerConfig):
 # ------------------------------------------------------------------------------------------ batch layout
 
 
-def _padded_batch(prompt_ids: list, response_ids: list, device) -> tuple[torch.Tensor, ...]:
-    """(input_ids [B, L], attention_mask [B, L], targets [B, T], mask [B, T], positions [B, T]).
+@dataclasses.dataclass
+class PackedRows:
+    """A micro-batch packed for one forward pass (pipeline/endogenous.py: prompt_shared_inputs): rows that share a
+    prompt share its tokens, no padding. Response token j of row i is targets[k] with rows[k] = i, cols[k] = j; it
+    is predicted at position predict_at[k] of the packed sequence (the prompt's last token for j = 0, else
+    response token j - 1), where the critic's output is V(s_j)."""
+    input_ids: torch.Tensor  # [1, N]
+    position_ids: torch.Tensor  # [1, N]
+    attention_mask: torch.Tensor  # [1, 1, N, N] bool: the tree mask
+    predict_at: torch.Tensor  # [R]
+    targets: torch.Tensor  # [R]
+    rows: torch.Tensor  # [R]
+    cols: torch.Tensor  # [R]
+    shape: tuple[int, int]  # (B, T) of the [B, T] response grid, T = longest response
 
-    positions[i, j] = P_i + j - 1: the column whose output predicts (or values the state before)
-    response token j of row i; clamped into range on padding.
-    """
+    def grid(self, flat: torch.Tensor) -> torch.Tensor:
+        """Per-token values [R] -> the [B, T] response grid, 0 on padding (differentiable)."""
+        return flat.new_zeros(self.shape).index_put((self.rows, self.cols), flat)
+
+    def mask(self) -> torch.Tensor:
+        return self.grid(torch.ones(len(self.rows), device=self.rows.device))
+
+
+def pack_rows(prompt_ids: list, response_ids: list, device) -> PackedRows:
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every row needs at least one prompt token: the first response token is predicted from it")
-    sequences = [np.concatenate([np.asarray(p), np.asarray(r)]) for p, r in zip(prompt_ids, response_ids)]
-    input_ids, attention_mask = ragged_to_padded(sequences, 0, torch.long)
-    targets, mask = ragged_to_padded(response_ids, 0, torch.long)
-    prompt_lengths = torch.tensor([len(p) for p in prompt_ids])
-    positions = prompt_lengths[:, None] - 1 + torch.arange(targets.shape[1])[None, :]
-    positions = positions.clamp(max=input_ids.shape[1] - 1)
-    return (input_ids.to(device), attention_mask.long().to(device), targets.to(device), mask.to(device),
-            positions.to(device))
+    groups = group_by_prompt(prompt_ids)
+    segments = [(np.asarray(prompt_ids[g[0]]), [np.asarray(response_ids[i]) for i in g]) for g in groups]
+    input_ids, position_ids, attention_mask = prompt_shared_inputs(segments, device)
+    predict_at, rows, cols, start = [], [], [], 0
+    for group in groups:
+        prompt_end = start + len(prompt_ids[group[0]])  # the first response token of the group
+        start = prompt_end
+        for i in group:
+            h = len(response_ids[i])
+            predict_at.append(np.concatenate([[prompt_end - 1], start + np.arange(h - 1)])[:h])
+            rows.append(np.full(h, i))
+            cols.append(np.arange(h))
+            start += h
+    tensor = lambda parts: torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device)  # noqa: E731
+    targets = tensor([np.asarray(response_ids[i]) for group in groups for i in group])
+    shape = (len(prompt_ids), max((len(r) for r in response_ids), default=0))
+    return PackedRows(input_ids, position_ids, attention_mask, tensor(predict_at), targets, tensor(rows), tensor(cols),
+                      shape)
+
+
+def micro_batches(prompt_ids: list, response_ids: list, max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Consecutive rows, in order, packed into micro-batches of at most max_rows rows and max_tokens packed tokens
+    (a prompt counted once per micro-batch; 0 = no token limit); a row longer than max_tokens goes alone."""
+    batches, current, seen, used = [], [], set(), 0
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        key = np.asarray(prompt, dtype=np.int64).tobytes()
+        cost = len(response) + (0 if key in seen else len(prompt))
+        if current and (len(current) == max_rows or (max_tokens and used + cost > max_tokens)):
+            batches.append(current)
+            current, seen, used = [], set(), 0
+            cost = len(prompt) + len(response)
+        current.append(i)
+        seen.add(key)
+        used += cost
+    return batches + [current] if current else batches
+
+
+def split_to(batches: list[list[int]], count: int) -> list[list[int]]:
+    """`batches` split (the one with most rows first, in halves) until there are `count` of them: every rank of a
+    DeepSpeed group must run the same number of micro-batches. Needs count <= total rows."""
+    batches = [list(b) for b in batches]
+    while len(batches) < count:
+        i = max(range(len(batches)), key=lambda k: len(batches[k]))
+        if len(batches[i]) < 2:
+            raise ValueError(f"cannot split {sum(map(len, batches))} rows into {count} micro-batches")
+        half = len(batches[i]) // 2
+        batches[i:i + 1] = [batches[i][:half], batches[i][half:]]
+    return batches
 
 
 def policy_forward(model, prompt_ids: list, response_ids: list, temperature: float = 1.0,
-                   entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   entropy_grad: bool = True, logit_chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logprobs [B, T], entropy [B, T], mask [B, T]) of the response tokens under softmax(logits / temperature).
 
-    prompt_ids, response_ids: one 1-D int array per row (ragged). Padding holds 0 in logprobs and entropy.
-    entropy_grad=False computes the entropy without a graph (saves a [B, T, V] float32 buffer when the
-    entropy is only reported).
+    prompt_ids, response_ids: one 1-D int array per row (ragged). The rows go in one packed forward pass
+    (pack_rows); the LM head runs only where a response token is predicted, and the log-softmax and entropy
+    run `logit_chunk` tokens at a time (pipeline/losses.py: ChunkedLogProbsEntropy). Padding holds 0.
+    entropy_grad=False detaches the entropy (it is only reported).
     """
-    input_ids, attention_mask, targets, mask, positions = _padded_batch(prompt_ids, response_ids, model.device)
-    first = min(len(p) for p in prompt_ids) - 1  # the first column any row needs
-    out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=input_ids.shape[1] - first,
-                use_cache=False)
-    kept = out.logits  # [B, L - first, V]: columns first .. L-1
-    index = (positions - first)[..., None].expand(-1, -1, kept.shape[-1])
-    logits = kept.gather(1, index).float() / temperature  # [B, T, V], row i's own columns
-    logprobs = token_logprobs(logits, targets) * mask
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        entropy = entropy_from_logits(logits) * mask
-    return logprobs, entropy, mask
+    packed = pack_rows(prompt_ids, response_ids, model.device)
+    out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask,
+                logits_to_keep=packed.predict_at, use_cache=False)
+    logprobs, entropy = chunked_logprobs_entropy(out.logits[0], packed.targets, temperature, logit_chunk)
+    if not entropy_grad:
+        entropy = entropy.detach()
+    return packed.grid(logprobs), packed.grid(entropy), packed.mask()
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -183,11 +246,12 @@ def load_critic(path: str, device: str = "cpu", seed: int = 0):
 
 
 def critic_forward(critic_model, prompt_ids: list, response_ids: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values [B, T], mask [B, T]): V(s_j) for each response token j, float32, 0 on padding."""
-    input_ids, attention_mask, _, mask, positions = _padded_batch(prompt_ids, response_ids, critic_model.device)
-    out = critic_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    all_values = out.logits.squeeze(-1).float()  # [B, L]: one scalar per position
-    return all_values.gather(1, positions) * mask, mask
+    """(values [B, T], mask [B, T]): V(s_j) for each response token j, float32, 0 on padding; one packed pass."""
+    packed = pack_rows(prompt_ids, response_ids, critic_model.device)
+    out = critic_model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                       attention_mask=packed.attention_mask, use_cache=False)
+    values = out.logits[0, :, 0].float()  # [N]: one scalar per position
+    return packed.grid(values[packed.predict_at]), packed.mask()
 
 
 def critic_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

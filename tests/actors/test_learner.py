@@ -104,6 +104,34 @@ def test_zero3_state_dict_is_the_unsharded_model(tiny_model_dir, local_ray):
         group.shutdown()
 
 
+def test_token_budget_micro_batches_differ_per_rank_and_give_the_same_step(tiny_model_dir, local_ray):
+    """ZeRO-3 gathers weights in every forward, collectively: with a token budget the two ranks plan different
+    micro-batch counts and must still run as many as each other (a mismatch hangs); the step then equals
+    the one with a single micro-batch per rank (the loss is a token mean, whatever the micro-batching)."""
+    from actors.learner import shard
+    from pipeline.policy import micro_batches
+
+    table = rows(4, n=7)
+    budget = 24
+    plans = [micro_batches(ragged_to_numpy(t["prompt_ids"]), ragged_to_numpy(t["response_ids"]), 8, budget)
+             for t, _ in (shard(table, rank, 2) for rank in range(2))]
+    assert len(plans[0]) != len(plans[1]), plans  # the case under test
+    steps = []
+    for tokens in (budget, 0):
+        cfg = LearnerConfig(ranks=2, zero_stage=3, micro_batch_size=8, micro_batch_tokens=tokens, lr=1e-3,
+                            dtype="float32", logit_chunk=5)
+        group = LearnerGroup(tiny_model_dir, ModelConfig(name=tiny_model_dir), cfg)
+        try:
+            steps.append(group.train_step(experience(group, table, seed=4)))
+        finally:
+            group.shutdown()
+    # the global gradient norm (before clipping) and the losses: the same gradient, micro-batched or not
+    # (not the weights: AdamW's first step moves each weight by ~lr * sign(g), so rounding flips near-zero ones)
+    assert steps[0]["ratio"] == pytest.approx(1.0, abs=1e-5) and steps[0]["grad_norm"] > 0
+    for name in ("grad_norm", "loss", "pg_loss", "kl_k3", "entropy"):
+        assert steps[0][name] == pytest.approx(steps[1][name], rel=1e-5, abs=1e-7), name
+
+
 def test_critic_group_values_and_value_loss(tiny_model_dir, local_ray):
     cfg = LearnerConfig(ranks=2, zero_stage=1, micro_batch_size=2, critic_lr=1e-3, dtype="float32")  # exact vs fp32
     table = rows(3)
