@@ -30,7 +30,7 @@ from pipeline.policy import LearnerConfig
 from pipeline.precision import DType, summarize
 from pipeline.rollout import RolloutConfig
 from pipeline.resume import check_resume_config
-from pipeline.runlog import CHECKPOINTS, MARKER, RunLog, latest_checkpoint, plot_curves
+from pipeline.runlog import CHECKPOINTS, LOGGERS, MARKER, RunLog, WandbConfig, check_loggers, latest_checkpoint, plot_curves
 from pipeline.sentence_rm import CONFIG_FILE
 from pipeline.storage import Storage, check_location
 
@@ -59,6 +59,10 @@ class RLConfig:
                              "folder (safetensors, tokenizer, generation config; transformers and vLLM load it as is), "
                              "from the last step's checkpoint (one is saved then if --checkpoint_every 0). Later: "
                              "python -m jobs.export STORAGE")
+    loggers: list[str] = opt(help=f"where the metrics go besides metrics.jsonl: a comma-separated list of "
+                                  f"{', '.join(LOGGERS)} (wandb: offline under STORAGE/wandb unless --wandb.mode online)",
+                             factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = opt(factory=WandbConfig)
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
     sync_tolerance: float = opt(0.0, "max |log-prob diff| the sync check accepts; 0 = 1e-3 when engine and learners "
@@ -92,6 +96,10 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
     check_driver_device(cfg.ray, cfg.model.device)
     try:
         check_location(cfg.storage, "--storage", cluster=not local)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    try:
+        check_loggers(cfg.loggers)
     except ValueError as e:
         raise SystemExit(str(e))
     if prompt_count == 0:
@@ -165,7 +173,7 @@ def main(argv: list[str] | None = None) -> str:
         raise SystemExit(f"could not start the actors: {e}")
     try:
         start_step = workers.load(resume[0])["step"] if resume else 0
-        log = RunLog(cfg.storage, to_yaml(cfg), resume_step=start_step)
+        log = RunLog(cfg.storage, to_yaml(cfg), resume_step=start_step, loggers=cfg.loggers, wandb=cfg.wandb)
         nodes = workers.nodes()
         log.write_json("nodes.json", nodes)
         for role, where in nodes.items():
