@@ -55,3 +55,16 @@ def test_the_summary_says_how_the_run_went_and_where_its_files_are(tmp_path):
     assert f"tensorboard --logdir {tmp_path}/run/tensorboard" in text
     assert f"{tmp_path}/run/final_policy" in text and f"{tmp_path}/run/logs" in text
     assert "trained policy" not in summary(history[:1], 3, storage)  # no --export: no policy line
+
+
+def test_on_object_storage_the_log_is_written_locally_and_uploaded_at_the_end(s3_server):
+    import logging
+
+    from pipeline.console import LogFile
+
+    make_uri, _ = s3_server
+    console = LogFile(make_uri("console/run"))
+    logging.getLogger("ray.some_library").warning("a library warning")
+    assert not console.storage.exists("logs/driver.log")  # object storage cannot append: one upload, by close()
+    console.close()
+    assert "WARNING ray.some_library: a library warning" in console.storage.read_text("logs/driver.log")
