@@ -131,4 +131,4 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
         metrics.update(experience_metrics)
         metrics.update(timer.metrics())
         log.write(step + 1, metrics)
-        bar.set_postfix(progress_postfix(metrics))
+        bar.set_postfix(progress_postfix(metrics), refresh=False)  # drawn with the step count it belongs to
