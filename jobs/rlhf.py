@@ -6,9 +6,10 @@
 vLLM engines sample, the frozen base model scores (endogenous reward + reference log-probs in one pass),
 DeepSpeed learners update the policy, and the new weights go back into the engines every step.
 Writes TensorBoard logs, metrics.jsonl, nodes.json (which node ran which actor), precision.json (the dtype each
-actor resolved: dtype auto picks bf16 where the hardware has it natively), checkpoints and curves.png to
+actor resolved: dtype auto picks bf16 where the hardware has it natively), checkpoints, curves.png and logs/ to
 --storage (a folder; on a cluster an absolute path every node mounts, or s3:// / gs://); --resume continues from
-the newest complete checkpoint there.
+the newest complete checkpoint there. The terminal shows the config, one progress bar and a summary (and errors);
+the libraries' warnings and info lines go to STORAGE/logs/driver.log, each actor's output to STORAGE/logs/ROLE_I.log.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class RLConfig:
     steps: int = opt(20, "RL iterations")
     prompts_per_step: int = opt(8, "prompts per iteration (each sampled rollout.n_samples times)")
     seed: int = opt(0, "seed of the prompt order and the sampling")
-    storage: str = opt("runs/rlhf", "the run's folder: tensorboard/, metrics.jsonl, nodes.json, checkpoints/ (every "
+    storage: str = opt("runs/rlhf", "the run's folder: tensorboard/, metrics.jsonl, nodes.json, logs/, checkpoints/ (every "
                                     "learner rank writes its shard here), curves.png, config.yaml. A local folder in "
                                     "local mode; on a cluster an absolute path every node mounts, or s3:// / gs://")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --storage (a torn newest one is "
