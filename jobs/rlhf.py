@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> str:
             exported = export_final(cfg) if cfg.export else ""
     finally:
         console.close()
-    print(summary(history, time.perf_counter() - started, Storage(cfg.storage), exported), flush=True)
+    print(summary(history, time.perf_counter() - started, Storage(cfg.storage), exported, cfg.loggers), flush=True)
     return cfg.storage
 
 

@@ -71,10 +71,6 @@ class LogFile:
                 importlib.import_module(module)
         self.route()
 
-    @property
-    def location(self) -> str:
-        return self.storage.location_of(DRIVER_LOG)
-
     def close(self) -> None:
         self.file.close()
         logging.root.handlers, level = self.previous
@@ -90,7 +86,8 @@ def duration(seconds: float) -> str:
     return f"{minutes} min {s} s" if minutes else f"{s} s"
 
 
-def summary(history: list[dict], seconds: float, storage: Storage, exported: str = "") -> str:
+def summary(history: list[dict], seconds: float, storage: Storage, exported: str = "",
+            loggers: tuple | list = ("tensorboard",)) -> str:
     """The lines a run ends with: its last step's reward, KL and length, the held-out reward and length from the
     first to the last evaluation, the time, and where its files are."""
     steps = [row for row in history if "reward/endogenous" in row]
@@ -105,8 +102,11 @@ def summary(history: list[dict], seconds: float, storage: Storage, exported: str
         lines.append(f"  held-out reward:  {first['heldout/reward']:.4g} (step {first['step']}) -> {last['heldout/reward']:.4g} "
                      f"(step {last['step']}), response length {first['heldout/response_length']:.1f} -> "
                      f"{last['heldout/response_length']:.1f} tokens")
-    lines += [f"  run folder:       {storage.location} (metrics.jsonl, curves.png, checkpoints/, heldout/)",
-              f"  TensorBoard:      tensorboard --logdir {storage.location_of('tensorboard')}"]
+    lines.append(f"  run folder:       {storage.location} (metrics.jsonl, curves.png, checkpoints/, heldout/)")
+    if "tensorboard" in loggers:
+        lines.append(f"  TensorBoard:      tensorboard --logdir {storage.location_of('tensorboard')}")
+    if "wandb" in loggers:
+        lines.append(f"  W&B:              {storage.location_of('wandb')} (offline runs: wandb sync {storage.location_of('wandb')}/offline-run-*)")
     if exported:
         lines.append(f"  trained policy:   {exported} (a Hugging Face folder: transformers from_pretrained, vllm serve)")
     lines.append(f"  logs:             {storage.location_of(LOGS)} (driver.log: library warnings and info; one file per actor)")

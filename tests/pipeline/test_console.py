@@ -55,6 +55,9 @@ def test_the_summary_says_how_the_run_went_and_where_its_files_are(tmp_path):
     assert f"tensorboard --logdir {tmp_path}/run/tensorboard" in text
     assert f"{tmp_path}/run/final_policy" in text and f"{tmp_path}/run/logs" in text
     assert "trained policy" not in summary(history[:1], 3, storage)  # no --export: no policy line
+    assert "W&B" not in text
+    with_wandb = summary(history, 3, storage, loggers=["wandb"])
+    assert f"wandb sync {tmp_path}/run/wandb/offline-run-*" in with_wandb and "TensorBoard" not in with_wandb
 
 
 def test_on_object_storage_the_log_is_written_locally_and_uploaded_at_the_end(s3_server):
