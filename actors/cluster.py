@@ -28,6 +28,8 @@ class RayConfig:
     dashboard: bool = opt(True, "start Ray's dashboard with an embedded local Ray (http://127.0.0.1:8265); Ray "
                                 "Train's placement-group cleaner needs its state API, and warns every few s without it")
     vllm_cpu_kvcache_gib: int = opt(2, "VLLM_CPU_KVCACHE_SPACE for CPU vLLM engines, GiB")
+    log_to_driver: bool = opt(True, "stream every actor's stdout/stderr to the driver's terminal (Ray's log_to_driver); "
+                                    "jobs.rlhf turns it off and saves each actor's output to STORAGE/logs/ instead")
     vllm_cpu_threads: str = opt("", "VLLM_CPU_OMP_THREADS_BIND for CPU vLLM engines, '|' between engines (e.g. "
                                     "0-1|2-3); empty = each engine binds its own block of rollout.cpus_per_engine "
                                     "cores of the node it runs on")
@@ -96,10 +98,35 @@ def init_ray(cfg: RayConfig, device: str = "cpu") -> None:
         cpus = cfg.num_cpus or os.cpu_count()
         print(f"local mode: starting an embedded single-node Ray ({cpus} logical CPUs); any other Ray on this "
               f"machine is left alone", flush=True)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.dashboard, log_to_driver=True,
+        ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.dashboard, log_to_driver=cfg.log_to_driver,
                  runtime_env={"env_vars": worker_env(cfg, device)})
         return
-    ray.init(address=cfg.address or None, log_to_driver=True,
+    ray.init(address=cfg.address or None, log_to_driver=cfg.log_to_driver,
              runtime_env=cluster_runtime_env(cfg, device, job_runtime_env()))
     nodes = [node for node in ray.nodes() if node["Alive"]]
     print(f"joined the Ray cluster at {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s)", flush=True)
+
+
+def save_actor_logs(nodes: dict[str, list[dict]], storage) -> list[str]:
+    """Each actor's stdout and stderr, as Ray keeps them in its worker log files on the actor's node, read through
+    Ray's State API (it needs the dashboard) into STORAGE/logs/ROLE_I.log; returns the files written. An actor
+    whose log cannot be read gets a file saying why."""
+    from ray.util.state import get_log
+
+    from pipeline.console import LOGS
+
+    address = ray.get_runtime_context().gcs_address  # this job's Ray: another one on the machine is not asked
+    written = []
+    for role, records in nodes.items():
+        for index, record in enumerate(records):
+            parts = []
+            for suffix in ("out", "err"):
+                try:
+                    parts.append(f"===== std{suffix} =====\n" + "".join(get_log(address, actor_id=record["actor_id"], suffix=suffix)))
+                except Exception as e:  # no dashboard, a node gone: say so instead of losing the run's other logs
+                    parts.append(f"===== std{suffix}: not readable through Ray's State API ({e}); see Ray's session "
+                                 f"logs on node {record['node_id'][:8]} ({record['ip']}) =====\n")
+            written.append(f"{LOGS}/{role}_{index}.log")
+            storage.write_text(written[-1], "\n".join(parts))
+    return written
+

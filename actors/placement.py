@@ -80,11 +80,12 @@ def in_bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStra
 
 
 def node_of(actor) -> dict:
-    """Where an actor runs: Ray node id, IP and host name (recorded in the run log)."""
+    """Where an actor runs: Ray node id, IP and host name, and its actor id (recorded in the run log)."""
     def where(_self):
         import socket
         context = ray.get_runtime_context()
-        return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "host": socket.gethostname()}
+        return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
+                "actor_id": context.get_actor_id()}
     return actor.__ray_call__.remote(where)
 
 

@@ -6,19 +6,23 @@
 vLLM engines sample, the frozen base model scores (endogenous reward + reference log-probs in one pass),
 DeepSpeed learners update the policy, and the new weights go back into the engines every step.
 Writes TensorBoard logs, metrics.jsonl, nodes.json (which node ran which actor), precision.json (the dtype each
-actor resolved: dtype auto picks bf16 where the hardware has it natively), checkpoints and curves.png to
+actor resolved: dtype auto picks bf16 where the hardware has it natively), checkpoints, curves.png and logs/ to
 --storage (a folder; on a cluster an absolute path every node mounts, or s3:// / gs://); --resume continues from
-the newest complete checkpoint there.
+the newest complete checkpoint there. The terminal shows the config, one progress bar and a summary (and errors);
+the libraries' warnings and info lines go to STORAGE/logs/driver.log, each actor's output to STORAGE/logs/ROLE_I.log.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import time
 from typing import Literal
 
-from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
+from actors.cluster import RayConfig, check_driver_device, init_ray, is_local, save_actor_logs
 from actors.placement import PlacementConfig
 from pipeline.config import opt, parse_config, to_dict, to_yaml
+from pipeline.console import LogFile, summary
 from pipeline.data import builtin_prompts, load_prompts, split_prompts
 from pipeline.driver import rl_loop, tokenize_prompts
 from pipeline.remote_reward import RLRewardConfig
@@ -30,9 +34,11 @@ from pipeline.policy import LearnerConfig
 from pipeline.precision import DType, summarize
 from pipeline.rollout import RolloutConfig
 from pipeline.resume import check_resume_config
-from pipeline.runlog import CHECKPOINTS, MARKER, RunLog, latest_checkpoint, plot_curves
+from pipeline.runlog import CHECKPOINTS, LOGGERS, MARKER, RunLog, WandbConfig, check_loggers, latest_checkpoint, plot_curves
 from pipeline.sentence_rm import CONFIG_FILE
 from pipeline.storage import Storage, check_location
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -44,7 +50,7 @@ class RLConfig:
     steps: int = opt(20, "RL iterations")
     prompts_per_step: int = opt(8, "prompts per iteration (each sampled rollout.n_samples times)")
     seed: int = opt(0, "seed of the prompt order and the sampling")
-    storage: str = opt("runs/rlhf", "the run's folder: tensorboard/, metrics.jsonl, nodes.json, checkpoints/ (every "
+    storage: str = opt("runs/rlhf", "the run's folder: tensorboard/, metrics.jsonl, nodes.json, logs/, checkpoints/ (every "
                                     "learner rank writes its shard here), curves.png, config.yaml. A local folder in "
                                     "local mode; on a cluster an absolute path every node mounts, or s3:// / gs://")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --storage (a torn newest one is "
@@ -59,6 +65,10 @@ class RLConfig:
                              "folder (safetensors, tokenizer, generation config; transformers and vLLM load it as is), "
                              "from the last step's checkpoint (one is saved then if --checkpoint_every 0). Later: "
                              "python -m jobs.export STORAGE")
+    loggers: list[str] = opt(help=f"where the metrics go besides metrics.jsonl: a comma-separated list of "
+                                  f"{', '.join(LOGGERS)} (wandb: offline under STORAGE/wandb unless --wandb.mode online)",
+                             factory=lambda: ["tensorboard"])
+    wandb: WandbConfig = opt(factory=WandbConfig)
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
     sync_tolerance: float = opt(0.0, "max |log-prob diff| the sync check accepts; 0 = 1e-3 when engine and learners "
@@ -83,7 +93,7 @@ class RLConfig:
     advantage: AdvantageConfig = opt(factory=AdvantageConfig)
     rollout: RolloutConfig = opt(factory=RolloutConfig)
     learner: LearnerConfig = opt(factory=LearnerConfig)
-    ray: RayConfig = opt(factory=RayConfig)
+    ray: RayConfig = opt(factory=lambda: RayConfig(log_to_driver=False))  # actors' output: STORAGE/logs/, not the terminal
 
 
 def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bool) -> None:
@@ -92,6 +102,10 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
     check_driver_device(cfg.ray, cfg.model.device)
     try:
         check_location(cfg.storage, "--storage", cluster=not local)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    try:
+        check_loggers(cfg.loggers)
     except ValueError as e:
         raise SystemExit(str(e))
     if prompt_count == 0:
@@ -128,6 +142,8 @@ def check_resume(cfg: RLConfig, checkpoint: str, implied: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
+    """Terminal: the config, one progress bar, a summary, and errors; the rest goes to STORAGE/logs/."""
+    started = time.perf_counter()
     cfg = parse_config(RLConfig, argv, __doc__)
     if cfg.local:
         cfg.ray.address = "local"
@@ -139,6 +155,21 @@ def main(argv: list[str] | None = None) -> str:
     except (OSError, ValueError) as e:
         raise SystemExit(f"--prompts: {e}")
     check_config(cfg, train_prompts.num_rows, heldout_prompts.num_rows, local)
+    console = LogFile(cfg.storage)  # from here the libraries' warnings and info lines go to STORAGE/logs/driver.log
+    if cfg.export:
+        console.preload("deepspeed")  # the export merges the ZeRO shards with DeepSpeed, in this process
+    try:
+        history = run(cfg, train_prompts, heldout_prompts)
+        with console.capture():  # the export loads and merges with libraries that print as they go
+            exported = export_final(cfg) if cfg.export else ""
+    finally:
+        console.close()
+    print(summary(history, time.perf_counter() - started, Storage(cfg.storage), exported, cfg.loggers), flush=True)
+    return cfg.storage
+
+
+def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
+    """The run after its config checks, up to its last checkpoint; returns the metric rows."""
     _, tokenizer, window = open_model(cfg.model)  # the driver needs the tokenizer; actors resolve the model themselves
     cfg.rollout.check_fits(window)
     try:
@@ -163,16 +194,17 @@ def main(argv: list[str] | None = None) -> str:
         workers = RLWorkers(cfg)
     except RuntimeError as e:  # placement: nothing fits, or no GPU node came within --placement.timeout_s
         raise SystemExit(f"could not start the actors: {e}")
+    nodes = {}
     try:
-        start_step = workers.load(resume[0])["step"] if resume else 0
-        log = RunLog(cfg.storage, to_yaml(cfg), resume_step=start_step)
         nodes = workers.nodes()
+        start_step = workers.load(resume[0])["step"] if resume else 0
+        log = RunLog(cfg.storage, to_yaml(cfg), resume_step=start_step, loggers=cfg.loggers, wandb=cfg.wandb)
         log.write_json("nodes.json", nodes)
         for role, where in nodes.items():
-            print(f"{role}: " + ", ".join(f"{n['node_id'][:8]} ({n['ip']})" for n in where), flush=True)
+            logger.info("%s: %s", role, ", ".join(f"{n['node_id'][:8]} ({n['ip']})" for n in where))
         log.write_json("precision.json", workers.precision)  # dtype auto: what each actor resolved on its node
         for role, records in workers.precision.items():
-            print(f"{role}: {summarize(records)}", flush=True)
+            logger.info("%s: %s", role, summarize(records))
         try:
             rl_loop(cfg, workers, train_ids, heldout_ids, log, start_step)
             if cfg.export:
@@ -180,19 +212,18 @@ def main(argv: list[str] | None = None) -> str:
         finally:
             log.close()
     finally:
+        save_actor_logs(nodes, Storage(cfg.storage))  # each actor's stdout/stderr, also when the run failed
         workers.shutdown()
-    plot_curves(log.history(), log.storage)
-    print(f"done: {cfg.storage}/metrics.jsonl, {cfg.storage}/curves.png, tensorboard --logdir {cfg.storage}/tensorboard")
-    if cfg.export:
-        export_final(cfg)
-    return cfg.storage
+    history = log.history()
+    plot_curves(history, log.storage)
+    return history
 
 
 def save_last_checkpoint(cfg: RLConfig, workers, log: RunLog) -> None:
     """The export reads the last step's checkpoint: the loop saved one unless --checkpoint_every is 0. Then it is
     saved here, so the export has one code path (the one jobs.export runs) and can be redone from the run folder."""
     if not Storage(cfg.storage).exists(f"{CHECKPOINTS}/step_{cfg.steps:06d}/{MARKER}"):
-        print(f"--export: saving a checkpoint of the last step ({cfg.steps}) to export from", flush=True)
+        logger.info("--export: saving a checkpoint of the last step (%d) to export from", cfg.steps)
         workers.save(log.checkpoint_dir(cfg.steps), {"step": cfg.steps})
 
 
@@ -203,7 +234,6 @@ def export_final(cfg: RLConfig) -> str:
         export_policy(cfg.storage, step=cfg.steps, output=output, overwrite=True)
     except ExportError as e:
         raise SystemExit(f"--export: {e}")
-    print(f"exported the policy to {output} (Hugging Face folder: transformers from_pretrained, vllm serve)", flush=True)
     return output
 
 

@@ -117,8 +117,9 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
     raise ConfigError(f"--{name}: unsupported config type {tp!r}")
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build config dataclass `cls` from a nested dict (e.g. parsed YAML); unknown keys are errors."""
+def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build config dataclass `cls` from a nested dict (e.g. parsed YAML); unknown keys are errors. Keys not given
+    keep `base`'s values: a section's defaults as its parent's factory makes them (e.g. jobs.rlhf's ray section)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expects a mapping, got {data!r}.")
     hints = _field_types(cls)
@@ -133,10 +134,12 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = from_dict(tp, data[f.name] or {}, prefix + f.name + ".")
+            section = getattr(base, f.name) if base is not None else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            kwargs[f.name] = from_dict(tp, data[f.name] or {}, prefix + f.name + ".", section)
         else:
             kwargs[f.name] = coerce(prefix + f.name, tp, data[f.name])
-    return cls(**kwargs)
+    return cls(**kwargs) if base is None else dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> dict:

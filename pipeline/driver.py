@@ -69,6 +69,14 @@ def check_sync(workers, cfg) -> float:
     return diff
 
 
+POSTFIX = {"reward": "reward/endogenous", "kl": "kl/k1_rollout", "s": "time/step"}  # the progress bar's, per step
+
+
+def progress_postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows after a step: its mean reward, KL to the reference (per response) and seconds."""
+    return {short: f"{metrics[key]:.4g}" for short, key in POSTFIX.items() if key in metrics}
+
+
 def heldout_file(step: int) -> str:
     """Where the held-out samples of the evaluation after `step` go, in the run's storage."""
     return f"heldout/step_{step:06d}.parquet"
@@ -95,7 +103,8 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
         workers.sync_weights()  # resumed: the engines start from the checkpoint's policy
     elif cfg.eval_every:
         log.write(0, workers.heldout_reward(heldout_prompts, save_as=heldout_file(0)))  # before any update
-    for step in tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="rl", unit="step"):
+    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="rl", unit="step")
+    for step in bar:
         timer, metrics = PhaseTimer(), {}
         batch = prompt_batch(train_prompts, step, cfg.prompts_per_step, cfg.seed)
         with timer("rollout"):
@@ -122,3 +131,4 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
         metrics.update(experience_metrics)
         metrics.update(timer.metrics())
         log.write(step + 1, metrics)
+        bar.set_postfix(progress_postfix(metrics), refresh=False)  # drawn with the step count it belongs to

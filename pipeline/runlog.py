@@ -1,34 +1,73 @@
-"""Where a run writes: TensorBoard scalars, metrics.jsonl, checkpoints, the config, and the final PNG plot.
+"""Where a run writes: metrics.jsonl, the same metrics to TensorBoard (and W&B with --loggers), checkpoints, the
+config, and the final PNG plot.
 
 All of it goes to the run's storage (pipeline/storage.py): a local folder, a shared path, or s3:// / gs://.
-On object storage TensorBoard writes into a local folder that is uploaded after every write.
+On object storage TensorBoard writes into a local folder that is uploaded after every write (W&B's offline run:
+at the end).
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import io
 import json
 import os
 import re
 import shutil
 import tempfile
+from typing import Literal
 
+import yaml
 from torch.utils.tensorboard import SummaryWriter
 
+from pipeline.config import opt
 from pipeline.storage import Storage
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 MARKER = "driver_state.json"  # written last, by the driver: a checkpoint without it is incomplete
+LOGGERS = ("tensorboard", "wandb")  # where the metrics go besides metrics.jsonl (--loggers)
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    project: str = opt("endorl", "W&B project of the run (with --loggers ...,wandb); the run is named after --storage")
+    mode: Literal["offline", "online"] = opt("offline", "offline: the W&B run is written under STORAGE/wandb only "
+                                                        "(upload it later with `wandb sync STORAGE/wandb/offline-run-*`); "
+                                                        "online: streamed to W&B (needs `wandb login` or WANDB_API_KEY)")
+
+
+def check_loggers(loggers: list[str]) -> None:
+    """Before any work: every --loggers name is known and its package is installed."""
+    unknown = [name for name in loggers if name not in LOGGERS]
+    if unknown:
+        raise ValueError(f"--loggers {','.join(loggers)}: {', '.join(unknown)} is not a logger. Fix: a comma-separated "
+                         f"list of {', '.join(LOGGERS)} (e.g. --loggers tensorboard,wandb)")
+    for name in loggers:
+        if importlib.util.find_spec(name) is None:
+            raise ValueError(f"--loggers {name} needs the {name} package, which is not installed. Fix: "
+                             f".venv/bin/pip install {name}, or drop {name} from --loggers")
 
 
 class RunLog:
-    def __init__(self, location: str, config_yaml: str, resume_step: int = 0):
+    def __init__(self, location: str, config_yaml: str, resume_step: int = 0, loggers: tuple | list = ("tensorboard",),
+                 wandb: WandbConfig | None = None):
+        check_loggers(list(loggers))
         self.storage = Storage(location)
         self.dir = self.storage.location
         self.config_yaml = config_yaml
         self.storage.write_text("config.yaml", config_yaml)
         self.local_dir = self.storage.path() if self.storage.is_local else tempfile.mkdtemp(prefix="endorl-runlog-")
-        self.tensorboard = SummaryWriter(f"{self.local_dir}/tensorboard", purge_step=resume_step or None)
+        self.tensorboard = None
+        if "tensorboard" in loggers:
+            self.tensorboard = SummaryWriter(f"{self.local_dir}/tensorboard", purge_step=resume_step or None)
+        self.wandb = None
+        if "wandb" in loggers:  # a resume starts a new W&B run (named "... resumed from N"): its steps restart there
+            import wandb as wandb_lib
+            wandb = wandb or WandbConfig()
+            name = os.path.basename(self.storage.root.rstrip("/")) + (f" resumed from {resume_step}" if resume_step else "")
+            self.wandb = wandb_lib.init(project=wandb.project, mode=wandb.mode, dir=self.local_dir, name=name,
+                                        config=yaml.safe_load(config_yaml), settings=wandb_lib.Settings(silent=True, console="off"))
         # metrics.jsonl is appended, never rewritten on local storage: a kill -9 can tear only the last line.
         # A resume appends {"resumed_from": step}; history() drops the rows past it (the resumed run redoes them).
         old = self.storage.read_text(METRICS) if resume_step and self.storage.exists(METRICS) else ""
@@ -38,9 +77,12 @@ class RunLog:
         self.storage.write_text(METRICS, self.text)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self.tensorboard.add_scalar(name, value, step)
-        self.tensorboard.flush()
+        if self.tensorboard:
+            for name, value in metrics.items():
+                self.tensorboard.add_scalar(name, value, step)
+            self.tensorboard.flush()
+        if self.wandb:
+            self.wandb.log(metrics, step=step)
         line = json.dumps({"step": step, **metrics}) + "\n"
         if self.storage.is_local:  # append + fsync: the line is on disk before the next step starts
             with open(self.storage.path(METRICS), "a") as fh:
@@ -50,7 +92,7 @@ class RunLog:
         else:  # object storage cannot append: an atomic rewrite of the whole file
             self.text += line
             self.storage.write_text(METRICS, self.text)
-        if not self.storage.is_local:
+        if self.tensorboard and not self.storage.is_local:
             self.storage.upload(f"{self.local_dir}/tensorboard", "tensorboard")
 
     def write_json(self, name: str, value) -> None:
@@ -67,9 +109,16 @@ class RunLog:
         return metrics_history(self.storage.read_text(METRICS)) if self.storage.exists(METRICS) else []
 
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            import wandb as wandb_lib
+            self.wandb.finish()
+            wandb_lib.teardown()  # waits for W&B's service process: after finish() alone the .wandb file was at times still empty
         if not self.storage.is_local:
-            self.storage.upload(f"{self.local_dir}/tensorboard", "tensorboard")
+            for name in ("tensorboard", "wandb"):
+                if os.path.isdir(f"{self.local_dir}/{name}"):
+                    self.storage.upload(f"{self.local_dir}/{name}", name)
             shutil.rmtree(self.local_dir, ignore_errors=True)
 
 

@@ -75,3 +75,55 @@ def test_job_runtime_env_is_read_from_what_ray_job_submit_sets():
     environ = {RAY_JOB_CONFIG_JSON_ENV_VAR: json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}})}
     assert cluster.job_runtime_env(environ) == {"working_dir": "gcs://x.zip"}
     assert cluster.job_runtime_env({}) == {}
+
+
+ACTOR_SCRIPT = """
+import sys, warnings
+import ray
+from actors.cluster import RayConfig, init_ray, save_actor_logs
+from actors.placement import node_of
+from pipeline.console import LogFile
+from pipeline.storage import Storage
+
+console = LogFile(sys.argv[1])
+init_ray(RayConfig(address="local", num_cpus=2, log_to_driver=False))
+
+@ray.remote
+class Noisy:
+    def work(self, fail):
+        print("an actor's print", flush=True)
+        warnings.warn("an actor's FutureWarning", FutureWarning)
+        if fail:
+            raise ValueError("the actor failed")
+
+actor = Noisy.remote()
+ray.get(actor.work.remote(False))
+nodes = {"noisy": [ray.get(node_of(actor))]}
+try:
+    ray.get(actor.work.remote(True))
+finally:
+    print("saved", save_actor_logs(nodes, Storage(sys.argv[1])), flush=True)
+    console.close()
+    ray.shutdown()
+"""
+
+
+def test_actor_output_goes_to_the_run_logs_and_an_actor_error_to_the_terminal(tmp_path):
+    """jobs.rlhf's set-up, on an embedded Ray: with log_to_driver off the actor's prints and warnings stay out of the
+    terminal and land in STORAGE/logs/ROLE_I.log; the actor's exception still ends the driver with its traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-c", ACTOR_SCRIPT, str(run)], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "ValueError: the actor failed" in done.stderr
+    terminal = done.stdout + done.stderr
+    assert "an actor's print" not in terminal and "an actor's FutureWarning" not in terminal
+    assert "Started a local Ray instance" not in terminal  # Ray's own info line: in driver.log
+    assert "saved ['logs/noisy_0.log']" in done.stdout
+    actor_log = (run / "logs" / "noisy_0.log").read_text()
+    assert "an actor's print" in actor_log and "FutureWarning: an actor's FutureWarning" in actor_log
+    assert "Started a local Ray instance" in (run / "logs" / "driver.log").read_text()

@@ -88,3 +88,11 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, tiny_mo
     # learner.total_steps follows steps when left at 0, so naming steps was enough; set by hand, it is its own field
     with pytest.raises(SystemExit, match=r"learner.total_steps: 4 -> 9"):
         rlhf.main([*base[:-1], "6", "--learner.total_steps", "9", "--resume", "--resume_force", "steps"])
+
+
+def test_an_unknown_or_missing_logger_is_refused_before_ray(tiny_model_dir, monkeypatch):
+    refuse(tiny_model_dir, "--loggers", "tensorboard,mlflow", match="--loggers tensorboard,mlflow: mlflow is not a logger")
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    refuse(tiny_model_dir, "--loggers", "wandb", match="--loggers wandb needs the wandb package.*pip install wandb")

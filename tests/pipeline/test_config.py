@@ -69,3 +69,17 @@ def test_yaml_round_trip():
     cfg = parse_config(Root, ["--inner.temperature", "0.25"])
     import yaml
     assert from_dict(Root, yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_a_section_keeps_the_defaults_its_parent_gives_it(tmp_path):
+    # regression: a `ray:` section in jobs.rlhf's YAML rebuilt RayConfig from the class defaults, so the job's own
+    # default for it (log_to_driver false) came back true as soon as the YAML set any ray field
+    @dataclasses.dataclass
+    class Parent:
+        inner: Inner = opt(factory=lambda: Inner(kind="b"))
+
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  temperature: 0.5\n")
+    assert parse_config(Parent, ["--config", str(path)]) == Parent(Inner(temperature=0.5, kind="b"))
+    assert parse_config(Parent, ["--inner.kind", "a"]).inner == Inner(kind="a")
+    assert parse_config(Parent, []).inner == Inner(kind="b")

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.data import builtin_prompts
-from pipeline.driver import prompt_batch, rl_loop, tokenize_prompts
+from pipeline.driver import progress_postfix, prompt_batch, rl_loop, tokenize_prompts
 from pipeline.models import load_tokenizer
 
 
@@ -151,3 +151,15 @@ def test_loop_passes_the_step_as_the_seed_domain():
     workers, log = FakeWorkers(), Log()
     rl_loop(LoopConfig(), workers, builtin_prompts(), builtin_prompts(), log)
     assert workers.steps == list(range(LoopConfig().steps))
+
+
+def test_the_progress_bar_shows_each_steps_reward_kl_and_seconds(capsys):
+    class Rewarded(FakeWorkers):
+        def make_experience(self, scored, values):
+            return "experience", {"reward/endogenous": -85.123456, "kl/k1_rollout": 0.0912345}
+
+    rl_loop(LoopConfig(steps=2), Rewarded(), pa.table({"prompt_id": ["a", "b"], "prompt_ids": [[1], [2]]}),
+            pa.table({"prompt_id": ["c"], "prompt_ids": [[3]]}), Log())
+    bar = capsys.readouterr().err.split("\r")[-1]  # tqdm redraws its one line on stderr
+    assert bar.startswith("rl: 100%|") and "2/2" in bar and "reward=-85.12, kl=0.09123, s=" in bar
+    assert progress_postfix({"reward/endogenous": 1.0, "time/step": 31.25}) == {"reward": "1", "s": "31.25"}

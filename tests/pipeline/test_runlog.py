@@ -1,4 +1,6 @@
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +91,56 @@ def test_a_torn_or_invalid_newest_marker_falls_back_to_the_previous_checkpoint(t
     log.storage.write_text("checkpoints/step_000002/driver_state.json", marker)  # no complete one left
     assert latest_checkpoint(log.dir) is None
     log.close()
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """The history rows of an offline W&B run, read from its .wandb file (W&B's record log: 32 KiB blocks of
+    chunks with a 7-byte header: crc, length, type; protobuf Records) with W&B's own protobuf classes."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, chunk, rows = 7, b"", []
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:  # a block's tail too short for a header is padding
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunk += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            chunk = b""
+            if record.HasField("history"):
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                rows.append({"step": items["_step"], **{k: v for k, v in items.items() if not k.startswith("_")}})
+    return rows
+
+
+def test_wandb_gets_the_metrics_that_metrics_jsonl_has(tmp_path):
+    run = tmp_path / "run"
+    log = RunLog(str(run), "steps: 3\nrollout:\n  n_samples: 4\n", loggers=["tensorboard", "wandb"])
+    log.write(0, {"heldout/reward": -80.25, "heldout/response_length": 48.0})
+    for step in (1, 2, 3):
+        log.write(step, {"reward/endogenous": -90.0 + step / 3, "kl/k1_rollout": 0.01 * step, "time/step": 30.5})
+    log.close()
+    history = log.history()
+    assert [row["step"] for row in history] == [0, 1, 2, 3]
+    assert wandb_history(run) == history  # same keys, same values, same steps
+    assert any(name.startswith("events.out.tfevents") for name in log.storage.listdir("tensorboard"))
+
+
+def test_loggers_are_checked_before_any_work(monkeypatch):
+    from pipeline.runlog import check_loggers
+    check_loggers(["tensorboard", "wandb"])
+    check_loggers([])  # metrics.jsonl only
+    with pytest.raises(ValueError, match="--loggers tensorboard,neptune: neptune is not a logger.*tensorboard, wandb"):
+        check_loggers(["tensorboard", "neptune"])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match=r"--loggers wandb needs the wandb package.*pip install wandb"):
+        check_loggers(["wandb"])
