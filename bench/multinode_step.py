@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 
+from bench.machine import machine_line
 from tests.multinode import LocalCluster, NodeSpec, REPO_ROOT
 
 HEAD = NodeSpec(1, {"endorl_scorer": 4})
@@ -43,21 +43,13 @@ def step_means(storage: str) -> dict[str, float]:
     return {key[5:]: statistics.mean(row.get(key, 0.0) for row in steps) for key in keys}
 
 
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="bundled name (converted on each node), or a "
                                                                        "folder every node sees")
     args = ap.parse_args()
-    flags = open("/proc/cpuinfo").read()
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, avx512_bf16: {'avx512_bf16' in flags}")
+    print(machine_line())
 
     with LocalCluster(workers=WORKERS, head=HEAD) as cluster:
         storage = str(cluster.shared_dir / "multinode")

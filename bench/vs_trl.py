@@ -15,23 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 
 from pipeline.data import builtin_prompts
 from pipeline.models import resolve_model
-from pipeline.precision import read_cpu_flags, resolve_dtype
+from bench.machine import cpu_model, machine_line
+from pipeline.precision import resolve_dtype
 
 TRL_PYTHON = ".venv-trl/bin/python"
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def median_phases(steps: list[dict]) -> dict:
@@ -81,8 +74,7 @@ def main() -> None:
         raise SystemExit("--steps must be >= 2: step 1 holds the warm-up and is not counted")
     os.makedirs(args.work, exist_ok=True)
     dtype = resolve_dtype("auto", "cpu")
-    flags = sorted(read_cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} cores; {', '.join(flags)}); dtype auto -> {dtype}", flush=True)
+    print(f"{machine_line()}; dtype auto -> {dtype}", flush=True)
     model_dir = resolve_model("smollm2-135m-instruct")
 
     trl = median_phases(run_trl(args, model_dir, dtype == "bfloat16")["steps"][1:])
