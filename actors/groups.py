@@ -102,7 +102,7 @@ class RLWorkers:
         except Exception:
             self.shutdown()
             raise
-        self.last_batch = None
+        self.last_batch, self.sync_members, self.sync_plan = None, [], None
 
     def nodes(self) -> dict[str, list[dict]]:
         """Where every actor runs (role -> one {node_id, ip, host} per actor), for the run log."""
@@ -160,10 +160,24 @@ class RLWorkers:
         return metrics
 
     def sync_weights(self) -> float:
-        """Learner rank 0's full state dict -> every engine, through the object store (no files)."""
-        state_ref = self.learner.state_dict_ref(sync_dtype(self.precision["rollout_engines"]))  # bf16: half the bytes
-        return max(get([engine.load_weights.remote(state_ref) for engine in self.engines], "sync (engine load_weights)",
-                       self.cfg.wait_timeout_s))
+        """Learner -> every engine: buckets broadcast over a torch.distributed group (--sync.mode broadcast), or
+        rank 0's full state dict through the object store (--sync.mode object_store, the fallback); seconds."""
+        dtype = sync_dtype(self.precision["rollout_engines"])  # bf16 when every engine runs bf16: half the bytes
+        if self.cfg.sync.mode == "object_store":
+            state_ref = self.learner.state_dict_ref(dtype)
+            return max(get([engine.load_weights.remote(state_ref) for engine in self.engines],
+                           "sync (engine load_weights)", self.cfg.wait_timeout_s))
+        if self.sync_members != self.engines:  # the first sync, or an engine was replaced: a new group
+            self.sync_plan = self.learner.sync_plan(dtype, int(self.cfg.sync.bucket_mb * 2 ** 20))
+            address, port = self.learner.rendezvous()
+            world, timeout = len(self.engines) + 1, self.cfg.wait_timeout_s
+            get([self.learner.actors[0].join_sync_group.remote(address, port, world, timeout)]
+                + [engine.join_sync_group.remote(address, port, i + 1, world, timeout)
+                   for i, engine in enumerate(self.engines)], "sync (joining the broadcast group)", timeout)
+            self.sync_members = list(self.engines)
+        refs = (self.learner.broadcast_weights_refs(self.sync_plan, dtype)
+                + [engine.receive_weights.remote(self.sync_plan, dtype) for engine in self.engines])
+        return max(get(refs, "sync (bucketed broadcast)", self.cfg.wait_timeout_s))
 
     def check_sync(self, rows: int = 2) -> float:
         """Max |log-prob difference| between engine 0 and the learners on the last batch's first rows."""

@@ -33,6 +33,7 @@ or object storage, to which each rank uploads its own files.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -48,6 +49,7 @@ from pipeline.arrow import padded_to_ragged, ragged_to_numpy, ragged_to_padded
 from pipeline.models import ModelConfig, check_device, load_causal_lm, resolve_model
 from pipeline.precision import DTYPES, autocast, precision_record
 from pipeline.storage import Storage
+from pipeline.weight_sync import Bucket, SyncGroup, bucket_plan, send_buckets
 from pipeline.policy import (LearnerConfig, critic_forward, critic_loss, load_critic, lr_lambda, micro_batches,
                              policy_forward, policy_loss, split_to)
 
@@ -108,6 +110,7 @@ class PolicyLearner:
         deepspeed.init_distributed(dist_backend=BACKENDS[model_cfg.device])
         self.init_distributed_s = time.perf_counter() - started
         self.rank, self.world_size, self.role, self.cfg = rank, world_size, role, cfg
+        self.sync_group = None
         self.precision_record = {**precision_record(cfg.dtype, model_cfg.device, what="compute"), "weights": "float32"}
         self.precision_record["line"] += "; weights and optimizer state float32"
         if role == "policy":
@@ -268,6 +271,31 @@ class PolicyLearner:
             return {name: tensor.detach().to("cpu", dtype or tensor.dtype, copy=True)
                     for name, tensor in module.state_dict().items()}
 
+    def sync_plan(self, dtype: str, bucket_bytes: int) -> list[Bucket]:
+        """The broadcast plan of the policy's parameters: HF names, full shapes (also when ZeRO-3 shards them)."""
+        params = [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in self.engine.module.named_parameters()]
+        return bucket_plan(params, dtype, bucket_bytes)
+
+    def join_sync_group(self, address: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0: host the weight-broadcast group (rank 0 of it; the engines are 1..E)."""
+        self.sync_group = SyncGroup(address, port, 0, world_size, self.engine.device.type, timeout_s)
+
+    def broadcast_weights(self, plan: list[Bucket], dtype: str) -> float:
+        """Stream the weights to the engines (pipeline/weight_sync.py: send_buckets); a collective of every rank
+        (ZeRO-3 gathers one parameter at a time); returns seconds."""
+        import deepspeed
+
+        start = time.perf_counter()
+        params = dict(self.engine.module.named_parameters())
+
+        @contextlib.contextmanager
+        def gathered(name):
+            with deepspeed.zero.GatheredParameters([params[name]], enabled=self.cfg.zero_stage == 3):
+                yield params[name].data
+
+        send_buckets(self.sync_group if self.rank == 0 else None, plan, dtype, gathered)
+        return time.perf_counter() - start
+
     def save_checkpoint(self, storage: str, directory: str, client_state: dict | None = None) -> None:
         """Weights, optimizer and LR-schedule state of this rank into `directory` of the run's storage (a folder
         path or s3:// / gs:// URI); a collective: call on all ranks. Each rank writes (or uploads) its own files."""
@@ -368,6 +396,18 @@ class LearnerGroup:
         _wait_all(refs[1:])  # Nones; a rank-0 failure breaks their gather too, so it surfaces here
         ray.wait(refs[:1], fetch_local=False)  # done, but not copied to the driver
         return refs[0]
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's node IP and a port free there now (for a group that rank 0 hosts)."""
+        probe = _address_and_free_port.options(scheduling_strategy=in_bundle(self.placement, 0))
+        return ray.get(probe.remote())
+
+    def sync_plan(self, dtype: str, bucket_bytes: int) -> list:
+        return ray.get(self.actors[0].sync_plan.remote(dtype, bucket_bytes))
+
+    def broadcast_weights_refs(self, plan: list, dtype: str) -> list[ray.ObjectRef]:
+        """Every rank's part of a broadcast sync (the engines' receive_weights must run at the same time)."""
+        return [actor.broadcast_weights.remote(plan, dtype) for actor in self.actors]
 
     def save_checkpoint(self, storage: str, directory: str, client_state: dict | None = None) -> None:
         self._call("save_checkpoint", storage, directory, client_state)

@@ -23,7 +23,8 @@ from pipeline.arrow import ragged_to_numpy
 from pipeline.models import check_device, resolve_model
 from pipeline.precision import precision_record
 from pipeline.rollout import (LOGPROBS_MODE, RolloutConfig, outputs_to_rollout_table, prompt_logprobs_to_numpy,
-                              sampling_params_kwargs, weights_for_sync)
+                              sampling_params_kwargs, tied_head_stream, weights_for_sync)
+from pipeline.weight_sync import Bucket, SyncGroup, receive_buckets
 
 
 class RolloutEngine:
@@ -39,7 +40,7 @@ class RolloutEngine:
         from vllm import LLM, SamplingParams  # lazy: the driver imports this module without loading vLLM
         from vllm.inputs import TokensPrompt
 
-        self.cfg = cfg
+        self.cfg, self.device, self.sync_group = cfg, device, None
         self.precision_record = precision_record(dtype, device)  # vLLM's own "auto" is the checkpoint's dtype
         self.make_prompt, self.make_sampling = TokensPrompt, SamplingParams
         self.llm = LLM(model=model_path, dtype=self.precision_record["dtype"], seed=cfg.seed + engine_index, enforce_eager=cfg.enforce_eager,
@@ -93,6 +94,18 @@ class RolloutEngine:
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights_for_sync(state, self.tied)})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        return time.perf_counter() - start
+
+    def join_sync_group(self, address: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        """Become rank `rank` of the weight-broadcast group hosted by learner rank 0 (pipeline/weight_sync.py)."""
+        self.sync_group = SyncGroup(address, port, rank, world_size, self.device, timeout_s)
+
+    def receive_weights(self, plan: list[Bucket], dtype: str) -> float:
+        """Take the policy bucket by bucket from the broadcast group, straight into the engine; returns seconds."""
+        start = time.perf_counter()
+        stream = tied_head_stream(receive_buckets(self.sync_group, plan, dtype), self.tied)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream})
+        self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 
     def token_logprobs(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[np.ndarray]:

@@ -37,6 +37,7 @@ from pipeline.resume import check_resume_config
 from pipeline.runlog import CHECKPOINTS, LOGGERS, MARKER, RunLog, WandbConfig, check_loggers, latest_checkpoint, plot_curves
 from pipeline.sentence_rm import CONFIG_FILE
 from pipeline.storage import Storage, check_location
+from pipeline.weight_sync import SyncConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class RLConfig:
                              factory=lambda: ["tensorboard"])
     wandb: WandbConfig = opt(factory=WandbConfig)
     eval_every: int = opt(5, "held-out reward every K steps (and before the first step); 0 = never")
+    sync: SyncConfig = opt(factory=SyncConfig)
     sync_check_every: int = opt(5, "compare engine vs learner log-probs after the sync every K steps; 0 = never")
     sync_tolerance: float = opt(0.0, "max |log-prob diff| the sync check accepts; 0 = 1e-3 when engine and learners "
                                      "resolved float32, else 0.5 (bf16 kernels alone differ by ~0.2: only gross "

@@ -164,6 +164,17 @@ def weights_for_sync(state: dict[str, torch.Tensor], tie_word_embeddings: bool) 
     return items
 
 
+def tied_head_stream(items, tie_word_embeddings: bool):
+    """(name, tensor) pairs as they arrive -> the same for vLLM, with `lm_head.weight` = the input embedding for a
+    tied model (weights_for_sync's rule, for a stream: the learner's named_parameters list a tied weight once)."""
+    for name, tensor in items:
+        if tie_word_embeddings and name == "lm_head.weight":
+            continue
+        yield name, tensor
+        if tie_word_embeddings and name.endswith("embed_tokens.weight"):
+            yield "lm_head.weight", tensor
+
+
 def logprob_parity(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     """Max |a - b| over all tokens of all rows: the driver's check that a weight sync reached the engine."""
     if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):

@@ -86,10 +86,14 @@ def test_resume_reproduces_the_next_step(tmp_path, tiny_model_dir, local_ray):
 
 def test_combined_endogenous_and_sentence_rm_reward_runs_and_logs_both(tmp_path, tiny_model_dir, tiny_sentence_rm_dir,
                                                                        local_ray):
+    # also the weight sync's fallback path (the full state dict through the object store), float32 so its
+    # parity check is exact
     rlhf.main(tiny_args(tiny_model_dir, tmp_path, "--steps", "1", "--checkpoint_every", "0",
-                        "--advantage.sentence_rm_weight", "0.5", "--sentence_rm", tiny_sentence_rm_dir))
+                        "--advantage.sentence_rm_weight", "0.5", "--sentence_rm", tiny_sentence_rm_dir,
+                        "--sync.mode", "object_store", "--learner.dtype", "float32"))
     metrics = read_metrics(tmp_path / "metrics.jsonl")
     step = metrics[-1]
+    assert step["sync/max_logprob_diff"] < 1e-3
     assert np.isfinite(step["reward/endogenous"]) and np.isfinite(step["reward/sentence_rm"])
     assert "heldout/sentence_rm" in metrics[0] and np.isfinite(step["policy/loss"])
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 import torch
 
 from actors.learner import LearnerGroup
@@ -100,6 +101,19 @@ def test_zero3_state_dict_is_the_unsharded_model(tiny_model_dir, local_ray):
         synced = local_ray.get(group.state_dict_ref("bfloat16"))
         assert synced["lm_head.weight"].dtype == torch.bfloat16
         assert synced["lm_head.weight"].shape == synced["model.embed_tokens.weight"].shape
+        # the bucketed broadcast (gathering one ZeRO-3 parameter at a time) delivers the same weights
+        plan = group.sync_plan("bfloat16", bucket_bytes=1 << 16)
+        assert len(plan) > 3  # small buckets: several broadcasts
+        address, port = group.rendezvous()
+        receiver = Receiver.remote()
+        local_ray.get([group.actors[0].join_sync_group.remote(address, port, 2, 60),
+                       receiver.join.remote(address, port)])
+        sends, receive = group.broadcast_weights_refs(plan, "bfloat16"), receiver.receive.remote(plan)  # at once
+        seconds, received = local_ray.get(sends), local_ray.get(receive)
+        assert all(s >= 0 for s in seconds)
+        assert list(received) == [name for name in synced if name != "lm_head.weight"]  # a tied weight goes once
+        for name, tensor in received.items():
+            assert torch.equal(tensor, synced[name]), name
     finally:
         group.shutdown()
 
@@ -130,6 +144,19 @@ def test_token_budget_micro_batches_differ_per_rank_and_give_the_same_step(tiny_
     assert steps[0]["ratio"] == pytest.approx(1.0, abs=1e-5) and steps[0]["grad_norm"] > 0
     for name in ("grad_norm", "loss", "pg_loss", "kl_k3", "entropy"):
         assert steps[0][name] == pytest.approx(steps[1][name], rel=1e-5, abs=1e-7), name
+
+
+@ray.remote(num_cpus=0)
+class Receiver:
+    """Rank 1 of a weight-broadcast group in place of a vLLM engine: keeps what it receives."""
+
+    def join(self, address, port):
+        from pipeline.weight_sync import SyncGroup
+        self.group = SyncGroup(address, port, 1, 2, "cpu", 60)
+
+    def receive(self, plan):
+        from pipeline.weight_sync import receive_buckets
+        return {name: tensor.clone() for name, tensor in receive_buckets(self.group, plan, "bfloat16")}
 
 
 def test_critic_group_values_and_value_loss(tiny_model_dir, local_ray):
