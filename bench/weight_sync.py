@@ -51,47 +51,67 @@ def rss_bytes(pid: int) -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_extra(pids: list[int], action) -> tuple[float, list[int]]:
-    """(seconds of action(), each pid's highest RSS during it minus its RSS before)."""
+def peak_extra(pids: list[int], action) -> tuple[float, list[int], str]:
+    """(seconds of action(), each pid's highest RSS during it minus its RSS before, the error if it failed: e.g.
+    Ray's memory monitor killing an actor)."""
     before = [rss_bytes(pid) for pid in pids]
     peaks, done = list(before), threading.Event()
 
     def sample():
         while not done.is_set():
             for i, pid in enumerate(pids):
-                peaks[i] = max(peaks[i], rss_bytes(pid))
+                try:
+                    peaks[i] = max(peaks[i], rss_bytes(pid))
+                except OSError:  # the process is gone
+                    pass
             time.sleep(0.005)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    started = time.perf_counter()
-    action()
+    started, error = time.perf_counter(), ""
+    try:
+        action()
+    except ray.exceptions.RayError as e:
+        error = str(e).splitlines()[0][:200]
     seconds = time.perf_counter() - started
     done.set()
     sampler.join()
-    return seconds, [peak - start for peak, start in zip(peaks, before)]
+    return seconds, [peak - start for peak, start in zip(peaks, before)], error
+
+
+def config(model: str, args):
+    from jobs.rlhf import RLConfig
+    from pipeline.config import parse_config
+
+    return parse_config(RLConfig, ["--config", "configs/local.yaml", "--model.name", model, "--learner.ranks", "1",
+                                   "--learner.zero_stage", "0", "--learner.cpus_per_rank", "1", "--sync.bucket_mb",
+                                   str(args.bucket_mb)])
 
 
 def measure(model: str, args) -> dict[str, dict]:
     from actors.groups import RLWorkers
-    from jobs.rlhf import RLConfig
-    from pipeline.config import parse_config
 
-    cfg = parse_config(RLConfig, ["--config", "configs/local.yaml", "--model.name", model, "--learner.ranks", "1",
-                                  "--learner.zero_stage", "0", "--learner.cpus_per_rank", "1", "--sync.bucket_mb",
-                                  str(args.bucket_mb)])
+    cfg = config(model, args)
     workers = RLWorkers(cfg)
     try:
         pids = [ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
                 for actor in (workers.learner.actors[0], workers.engines[0])]
         out = {}
-        for mode in ("object_store", "broadcast"):
+        for mode in ("broadcast", "object_store"):  # the new path first: the old one may not survive a large model
             cfg.sync.mode = mode
-            runs = [peak_extra(pids, workers.sync_weights) for _ in range(args.repeats + 1)][1:]  # the first warms up
-            out[mode] = {"seconds": statistics.median(r[0] for r in runs),
+            runs = []
+            for _ in range(args.repeats + 1):  # the first warms up
+                runs.append(peak_extra(pids, workers.sync_weights))
+                if runs[-1][2]:
+                    break
+            error = runs[-1][2]
+            runs = runs[1:] if len(runs) > 1 and not error else runs
+            out[mode] = {"seconds": statistics.median(r[0] for r in runs), "error": error,
                          "learner_mb": max(r[1][0] for r in runs) / 2 ** 20, "engine_mb": max(r[1][1] for r in runs) / 2 ** 20}
             print(f"  {mode:12s} {out[mode]['seconds']:6.2f} s  peak extra: learner {out[mode]['learner_mb']:7.0f} MiB, "
-                  f"engine {out[mode]['engine_mb']:7.0f} MiB", flush=True)
+                  f"engine {out[mode]['engine_mb']:7.0f} MiB {'FAILED: ' + error if error else ''}", flush=True)
+            if error:
+                break
         return out
     finally:
         workers.shutdown()
@@ -104,12 +124,16 @@ def main() -> None:
     ap.add_argument("--models", default="bundled,large")
     args = ap.parse_args()
     print(machine_line(), f"bucket {args.bucket_mb:g} MiB", flush=True)
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    from actors.cluster import init_ray
+
+    init_ray(config("smollm2-135m-instruct", args).ray)  # local mode, with the job's worker environment
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             model = "smollm2-135m-instruct" if name == "bundled" else build_large_model(folder)
             print(f"{name}:", flush=True)
             result = measure(model, args)
+            if len(result) < 2 or result["object_store"]["error"]:
+                continue
             old, new = result["object_store"], result["broadcast"]
             print(f"  broadcast vs object_store: {old['seconds'] / new['seconds']:.2f}x faster; engine peak extra "
                   f"{new['engine_mb'] / args.bucket_mb:.2f}x the bucket (object store: "

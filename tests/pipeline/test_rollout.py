@@ -103,6 +103,19 @@ def test_weights_for_sync_ties_lm_head_to_embeddings():
         weights_for_sync({"model.norm.weight": other}, tie_word_embeddings=True)
 
 
+def test_tied_head_stream_sends_the_embedding_as_the_head():
+    """The broadcast's stream (named_parameters order, a tied weight once): the head follows the embedding."""
+    from pipeline.rollout import tied_head_stream
+
+    embed, stale_head, other = torch.ones(4, 2), torch.zeros(4, 2), torch.ones(3)
+    items = [("model.embed_tokens.weight", embed), ("model.norm.weight", other)]
+    tied = list(tied_head_stream(items, True))
+    assert [n for n, _ in tied] == ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]
+    assert tied[1][1] is embed
+    assert list(tied_head_stream(items + [("lm_head.weight", stale_head)], True)) == tied  # a stale head is dropped
+    assert list(tied_head_stream(items, False)) == items
+
+
 def test_logprob_parity():
     a = [np.array([-1.0, -2.0]), np.array([], np.float32), np.array([-3.0])]
     b = [np.array([-1.0, -2.5]), np.array([], np.float32), np.array([-3.1])]
