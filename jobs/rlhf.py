@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> str:
     _, tokenizer, window = open_model(cfg.model)  # the driver needs the tokenizer; actors resolve the model themselves
     cfg.rollout.check_fits(window)
     try:
-        train_ids = tokenize_prompts(train_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)
-        heldout_ids = tokenize_prompts(heldout_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)
+        train_ids = tokenize_prompts(train_prompts, tokenizer, cfg.reward, cfg.rollout.max_prompt_tokens)
+        heldout_ids = tokenize_prompts(heldout_prompts, tokenizer, cfg.reward, cfg.rollout.max_prompt_tokens)
     except ValueError as e:
         raise SystemExit(f"--prompts: {e}")
     resume = latest_checkpoint(cfg.storage) if cfg.resume else None
