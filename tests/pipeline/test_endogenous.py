@@ -266,3 +266,20 @@ def test_context_forms_without_contexts_and_bad_forms_are_clear_errors(tiny):
     with pytest.raises(ValueError, match="reward.principle and reward.anti_principle are the same"):
         EndoRewardConfig(form="contrastive", principle="Be kind.", anti_principle="Be kind.")
     assert EndoRewardConfig(principle="").form == "raw"  # the principles only matter to form contrastive
+
+
+def test_context_forms_reach_the_scorer_through_the_request_column(tiny_model_dir, tiny):
+    """jobs.score, jobs.eval_rewards, the reward server and RL send the extra contexts in CONTEXT_COLUMN."""
+    from actors.base_model import EndogenousScorer
+    from pipeline.arrow import context_columns, request_table
+    from pipeline.models import ModelConfig
+
+    model, tokenizer = tiny
+    for cfg in (EndoRewardConfig(form="pmi"), EndoRewardConfig(form="contrastive")):
+        prompts, responses, contexts = with_contexts(tokenizer, cfg)
+        scorer = EndogenousScorer(ModelConfig(name=tiny_model_dir, dtype="float32"), cfg)
+        batch = scorer(request_table(prompts, responses, [True] * 4, **context_columns(contexts)).slice(1, 3))
+        direct = score_endogenous(model, prompts[1:], responses[1:], [True] * 3, cfg, contexts[1:])
+        np.testing.assert_allclose(batch["reward"].to_numpy(), direct.rewards, atol=1e-4)
+        with pytest.raises(ValueError, match=f"reward.form {cfg.form}"):
+            scorer(request_table(prompts, responses, [True] * 4))  # no contexts: refused, never scored as raw
