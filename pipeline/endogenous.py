@@ -107,14 +107,15 @@ def group_by_prompt(prompt_ids: list) -> list[list[int]]:
 def prompt_shared_packs(prompt_ids: list, response_ids: list, budget: int):
     """The forward passes of prompt-shared packing: yields (groups, segments) per pack, where groups are the row
     indices that share a prompt, in packed order, and segments their (prompt, [responses]) for
-    packed_hidden_states; a pack holds at most `budget` tokens. A group over the budget is split into parts that
-    each fit (the prompt repeated in each, a part holds at least one row): one prompt shared by many rows (pmi's
-    x0 is every row's) would otherwise make one pack as long as all of them."""
+    packed_hidden_states; a pack holds at most `budget` tokens. A group over the budget goes alone, its prompt
+    computed once; but if its prompt is short (at most a quarter of the budget) it is split into parts that fit,
+    the prompt repeated in each: one short prompt shared by many rows (pmi's x0 is every row's) would otherwise
+    make one pack as long as all of them, and attention over a pack costs its length squared."""
     groups = []
     for group in group_by_prompt(prompt_ids):
         p = len(prompt_ids[group[0]])
-        for part in pack_by_budget([len(response_ids[i]) for i in group], max(budget - p, 1)):
-            groups.append([group[j] for j in part])
+        parts = pack_by_budget([len(response_ids[i]) for i in group], budget - p) if 4 * p <= budget else [range(len(group))]
+        groups += [[group[j] for j in part] for part in parts]
     sizes = [len(prompt_ids[g[0]]) + sum(len(response_ids[i]) for i in g) for g in groups]
     for pack in pack_by_budget(sizes, budget):
         pack_groups = [groups[g] for g in pack]

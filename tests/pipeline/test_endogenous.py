@@ -242,11 +242,14 @@ def test_a_group_over_the_pack_budget_is_split_into_packs_that_fit(tiny):
 
     packs = list(prompt_shared_packs([[1, 2]] * 5, [[3] * 4] * 5, budget=10))
     assert [groups for groups, _ in packs] == [[[0, 1]], [[2, 3]], [[4]]]
+    # a long prompt (over a quarter of the budget) is computed once: its group goes alone, whole
+    assert [groups for groups, _ in prompt_shared_packs([[1, 2, 3]] * 3, [[3] * 4] * 3, budget=10)] == [[[0, 1, 2]]]
     model, tokenizer = tiny
     cfg = EndoRewardConfig(form="pmi")
-    prompts, responses, contexts = with_contexts(tokenizer, cfg)
+    prompts, responses, _ = with_contexts(tokenizer, cfg)
+    contexts = [[prompts[0][-3:]]] * 4  # a 3-token x0: split at a 20-token budget
     big = score_endogenous(model, prompts, responses, [True] * 4, cfg, contexts)
-    small = score_endogenous(model, prompts, responses, [True] * 4, dataclasses.replace(cfg, pack_tokens=40), contexts)
+    small = score_endogenous(model, prompts, responses, [True] * 4, dataclasses.replace(cfg, pack_tokens=20), contexts)
     for a, b in zip(big.token_rewards, small.token_rewards):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
