@@ -12,7 +12,7 @@ import pyarrow as pa
 import ray
 
 from actors.placement import PlacementConfig, bundle, gpus_for, node_resources, wait_for_room
-from pipeline.arrow import SCORED_FIELDS, numpy_to_ragged, ragged_to_numpy
+from pipeline.arrow import CONTEXT_COLUMN, SCORED_FIELDS, arrow_to_contexts, numpy_to_ragged, ragged_to_numpy
 from pipeline.config import opt
 from pipeline.endogenous import EndoRewardConfig, score_endogenous
 from pipeline.judge import answer_token_ids, judge_margins
@@ -50,9 +50,11 @@ class EndogenousScorer:
 
     def score(self, batch: pa.Table, reward_cfg: EndoRewardConfig | None = None) -> pa.Table:
         """SCORE_REQUEST rows (+ any other columns) -> the same rows with SCORED_FIELDS appended. `reward_cfg`
-        (default: the one this scorer was built with) lets the reward server score each request's options."""
+        (default: the one this scorer was built with) lets the reward server score each request's options. Forms
+        pmi and contrastive read each row's extra contexts from CONTEXT_COLUMN."""
+        contexts = arrow_to_contexts(batch[CONTEXT_COLUMN]) if CONTEXT_COLUMN in batch.column_names else None
         scores = score_endogenous(self.model, ragged_to_numpy(batch["prompt_ids"]), ragged_to_numpy(batch["response_ids"]),
-                                  batch["finished"].to_pylist(), reward_cfg or self.reward_cfg)
+                                  batch["finished"].to_pylist(), reward_cfg or self.reward_cfg, contexts)
         columns = [numpy_to_ragged(scores.token_rewards, pa.float32()), numpy_to_ragged(scores.ref_logprobs, pa.float32()),
                    pa.array(scores.rewards, pa.float32())]
         for (name, type_), column in zip(SCORED_FIELDS, columns):

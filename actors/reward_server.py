@@ -27,7 +27,7 @@ from ray.serve.metrics import Counter
 
 from actors.base_model import EndogenousScorer
 from actors.placement import gpus_for
-from pipeline.arrow import request_table
+from pipeline.arrow import context_columns, request_table
 from pipeline.config import opt
 from pipeline.endogenous import EndoRewardConfig
 from pipeline.models import ModelConfig, context_window
@@ -76,9 +76,11 @@ def encode_openrlhf_sentence_request(data, tokenizer, window, reward_cfg, limits
     return job
 
 
-def rows_table(jobs: list[ScoreJob], rows: list[tuple[int, int]]) -> pa.Table:
+def rows_table(jobs: list[ScoreJob], rows: list[tuple[int, int]], contexts: bool = False) -> pa.Table:
+    """The rows' score requests; with `contexts`, their extra contexts for reward forms pmi and contrastive."""
+    extra = context_columns([jobs[j].context_prompt_ids[i] for j, i in rows]) if contexts else {}
     return request_table([jobs[j].prompt_ids[i] for j, i in rows], [jobs[j].response_ids[i] for j, i in rows],
-                         [jobs[j].finished[i] for j, i in rows])
+                         [jobs[j].finished[i] for j, i in rows], **extra)
 
 
 # Everything the deployment uses is defined above it: Serve serializes the class when it is decorated.
@@ -166,7 +168,7 @@ class RewardServer:
             key = json.dumps(dataclasses.asdict(job.reward), sort_keys=True)  # any field type, hashable
             by_config.setdefault(key, []).extend((j, i) for i in range(len(job.prompt_ids)))
         for rows in by_config.values():
-            scored = self.scorer.score(rows_table(jobs, rows), jobs[rows[0][0]].reward)
+            scored = self.scorer.score(rows_table(jobs, rows, contexts=True), jobs[rows[0][0]].reward)
             for (j, i), reward, token_rewards in zip(rows, scored["reward"].to_pylist(), scored["token_rewards"].to_pylist()):
                 results[j].rewards[i], results[j].token_rewards[i] = reward, token_rewards
         rows = [(j, i) for j, job in enumerate(jobs) if job.sentence_rm for i in range(len(job.prompt_ids))]

@@ -19,7 +19,7 @@ import torch
 
 from actors.cluster import RayConfig
 from actors.placement import PlacementConfig, bundle, gpus_for, in_bundle, reserve
-from pipeline.arrow import ragged_to_numpy
+from pipeline.arrow import CONTEXT_COLUMN, arrow_to_contexts, ragged_to_numpy
 from pipeline.models import check_device, resolve_model
 from pipeline.precision import precision_record
 from pipeline.rollout import (LOGPROBS_MODE, RolloutConfig, outputs_to_rollout_table, prompt_logprobs_to_numpy,
@@ -70,24 +70,29 @@ class RolloutEngine:
         if bad:
             raise ValueError(f"prompts {bad[:5]} are empty or longer than rollout.max_prompt_tokens="
                              f"{self.cfg.max_prompt_tokens}. Fix: raise --rollout.max_prompt_tokens or filter them")
+        # the reward forms pmi and contrastive: each prompt's extra contexts go with its samples to the scorer
+        contexts = arrow_to_contexts(prompts[CONTEXT_COLUMN]) if CONTEXT_COLUMN in prompts.column_names else None
         if seeds is not None:
-            return self.generate_per_sample(prompt_ids, prompt_id_list, seeds)
+            return self.generate_per_sample(prompt_ids, prompt_id_list, seeds, contexts)
         sampling = self.sampling if n_samples is None and seed is None else [
             self.make_sampling(**sampling_params_kwargs(self.cfg, n_samples, None if seed is None else seed + i))
             for i in range(len(prompt_ids))]
         outputs = self.llm.generate([self.make_prompt(prompt_token_ids=ids) for ids in prompt_ids], sampling,
                                     use_tqdm=False)
-        return outputs_to_rollout_table(prompt_ids, prompt_id_list, outputs, self.eos_token_id)
+        return outputs_to_rollout_table(prompt_ids, prompt_id_list, outputs, self.eos_token_id, contexts)
 
-    def generate_per_sample(self, prompt_ids: list, prompt_id_list: list[str], seeds: list[list[int]]) -> pa.Table:
+    def generate_per_sample(self, prompt_ids: list, prompt_id_list: list[str], seeds: list[list[int]],
+                            contexts: list | None = None) -> pa.Table:
         """One n=1 request per (prompt, sample) with its own seed; rows prompt by prompt, samples in order."""
         if len(seeds) != len(prompt_ids):
             raise ValueError(f"got {len(seeds)} seed lists for {len(prompt_ids)} prompts; pass one list per prompt")
-        flat = [(ids, pid, s) for ids, pid, per_prompt in zip(prompt_ids, prompt_id_list, seeds) for s in per_prompt]
-        sampling = [self.make_sampling(**sampling_params_kwargs(self.cfg, 1, s)) for _, _, s in flat]
-        outputs = self.llm.generate([self.make_prompt(prompt_token_ids=ids) for ids, _, _ in flat], sampling,
+        flat = [(ids, pid, s, p) for p, (ids, pid, per_prompt) in enumerate(zip(prompt_ids, prompt_id_list, seeds))
+                for s in per_prompt]
+        sampling = [self.make_sampling(**sampling_params_kwargs(self.cfg, 1, s)) for _, _, s, _ in flat]
+        outputs = self.llm.generate([self.make_prompt(prompt_token_ids=ids) for ids, _, _, _ in flat], sampling,
                                     use_tqdm=False)
-        return outputs_to_rollout_table([f[0] for f in flat], [f[1] for f in flat], outputs, self.eos_token_id)
+        return outputs_to_rollout_table([f[0] for f in flat], [f[1] for f in flat], outputs, self.eos_token_id,
+                                        None if contexts is None else [contexts[f[3]] for f in flat])
 
     def load_weights(self, state: dict[str, torch.Tensor]) -> float:
         """Copy a full Hugging Face-named state dict into the running engine, in memory; returns seconds taken."""

@@ -152,7 +152,7 @@ def best_of_n(cfg: BoNConfig) -> str:
     _, tokenizer, window = open_model(cfg.model)
     cfg.rollout.check_fits(window)
     try:
-        prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.endogenous.system_prompt, cfg.rollout.max_prompt_tokens)
+        prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.endogenous, cfg.rollout.max_prompt_tokens)
     except ValueError as e:
         raise SystemExit(f"--prompts: {e}")
     writer = OutputWriter(cfg.output)  # refuses an unknown file type before any actor starts

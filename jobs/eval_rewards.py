@@ -2,7 +2,7 @@
 
     python -m jobs.eval_rewards --data ../shared/data/hh_harmless_base_test.jsonl [--format hh] [--output DIR]
 
-Sources: the endogenous reward (--forms: sum, per-token mean, centered), an LLM-as-a-judge baseline with the same model
+Sources: the endogenous reward (--forms: sum, per-token mean, centered, pmi, contrastive), an LLM-as-a-judge baseline with the same model
 (both orders), and the longer-wins / shorter-wins baselines. Next to accuracy per subset and overall: accuracy on
 pairs whose chosen answer is longer, on those where it is shorter, and their mean (length-controlled). Prints a table; writes results.json and results.md.
 """
@@ -21,18 +21,19 @@ from actors.base_model import (EndogenousScorer, JudgeScorer, ScoringConfig, map
                                wait_for_replica_room)
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
 from actors.placement import PlacementConfig
-from pipeline.arrow import request_table
-from pipeline.chat import encode_prompt, encode_response, fit_to_window
+from pipeline.arrow import context_columns, request_table
+from pipeline.chat import encode_contexts, encode_prompt, encode_response, fit_to_window
 from pipeline.config import opt, parse_config, to_dict, to_yaml
 from pipeline.data import load_preference_data
-from pipeline.endogenous import EndoRewardConfig
+from pipeline.endogenous import CONTEXTS, EndoRewardConfig
 from pipeline.evaluation import accuracy_table, markdown_table
 from pipeline.judge import judge_prompt_ids
 from pipeline.models import ModelConfig, open_model
 from pipeline.storage import check_location
 
 
-FORMS = ("sum", "mean", "centered")
+FORMS = ("sum", "mean", "centered", "pmi", "contrastive")
+PASS_FORMS = ("centered", "pmi", "contrastive")  # each its own scoring pass, --reward.form FORM summed
 
 
 @dataclasses.dataclass
@@ -41,8 +42,8 @@ class EvalConfig:
     format: Literal["auto", "hh", "llmbar", "pairs", "hf"] = opt("auto", "how to read --data")
     output: str = opt("outputs/eval_rewards", "folder for results.json and results.md")
     max_pairs: int = opt(0, "evaluate only the first N pairs (0 = all)")
-    forms: str = opt("sum,mean", "endogenous reward forms, comma-separated: sum, mean (both from one pass), centered "
-                                 "(its own pass, --reward.form centered summed)")
+    forms: str = opt("sum,mean", "endogenous reward forms, comma-separated: sum, mean (both from one pass), centered, "
+                                 "pmi, contrastive (each its own pass, --reward.form FORM summed)")
     judge: bool = opt(True, "also run the LLM-as-a-judge baseline with the same model")
     model: ModelConfig = opt(factory=ModelConfig)
     reward: EndoRewardConfig = opt(factory=EndoRewardConfig)
@@ -53,18 +54,21 @@ class EvalConfig:
 
 
 def encode_pairs(pairs: pa.Table, tokenizer, window: int, reward_cfg: EndoRewardConfig) -> tuple[pa.Table, int]:
-    """Two score requests per pair, chosen then rejected; returns the table and the number of truncated rows."""
-    prompts, responses, truncated = [], [], 0
+    """Two score requests per pair, chosen then rejected, with the extra contexts of reward_cfg.form (pmi,
+    contrastive); returns the table and the number of truncated rows."""
+    prompts, responses, contexts, truncated = [], [], [], 0
     for i, (messages, chosen, rejected) in enumerate(zip(pairs["prompt"].to_pylist(), pairs["chosen"].to_pylist(),
                                                          pairs["rejected"].to_pylist())):
         prompt_ids = encode_prompt(tokenizer, messages, reward_cfg.system_prompt)
         for side, text in (("chosen", chosen), ("rejected", rejected)):
+            where = f"pair {pairs['pair_id'][i]} ({side})"
             p, r, dropped, cut = fit_to_window(prompt_ids, encode_response(tokenizer, text), window,
-                                               reward_cfg.truncation, where=f"pair {pairs['pair_id'][i]} ({side})")
+                                               reward_cfg.truncation, where=where)
             truncated += bool(dropped or cut)
             prompts.append(p)
             responses.append(r)
-    return request_table(prompts, responses, [True] * len(prompts)), truncated
+            contexts.append(encode_contexts(tokenizer, messages, r, window, reward_cfg, where))
+    return request_table(prompts, responses, [True] * len(prompts), **context_columns(contexts)), truncated
 
 
 def judge_requests(pairs: pa.Table, tokenizer, reward_cfg: EndoRewardConfig) -> pa.Table:
@@ -91,6 +95,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     unknown = sorted(set(forms) - set(FORMS))
     if unknown or not forms:
         raise SystemExit(f"--forms {cfg.forms!r}: unknown form(s) {unknown}. Fix: a comma-separated subset of {','.join(FORMS)}")
+    try:  # the reward config of each form's own pass (contrastive: its principles are checked here)
+        form_cfgs = {form: dataclasses.replace(cfg.reward, form=form) for form in PASS_FORMS if form in forms}
+    except ValueError as e:
+        raise SystemExit(f"--forms: {e}")
     try:  # the driver writes the results; on a cluster a relative path is the job's temporary working directory
         check_location(cfg.output, "--output", cluster=not is_local(cfg.ray))
     except ValueError as e:
@@ -106,6 +114,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     _, tokenizer, window = open_model(cfg.model)
     try:
         requests, truncated = encode_pairs(pairs, tokenizer, window, cfg.reward)
+        form_requests = {form: encode_pairs(pairs, tokenizer, window, form_cfg)[0] if form in CONTEXTS else requests
+                         for form, form_cfg in form_cfgs.items()}  # with each form's extra contexts
     except ValueError as e:
         raise SystemExit(f"--data: {e}")
 
@@ -119,11 +129,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         scores["endogenous (sum)"] = (totals[0::2], totals[1::2])
     if "mean" in forms:
         scores["endogenous (per-token mean)"] = (totals[0::2] / lengths[0::2], totals[1::2] / lengths[1::2])
-    if "centered" in forms:
-        centered = run_pool(requests, EndogenousScorer, cfg, "token_rewards", "centered reward",
-                            dataclasses.replace(cfg.reward, form="centered"))
-        c = np.array([np.sum(r, dtype=np.float64) for r in centered])  # sum_h alpha*(log pi(a_h|s_h) + H(pi(.|s_h)))
-        scores["endogenous (centered)"] = (c[0::2], c[1::2])
+    for form, form_cfg in form_cfgs.items():
+        # centered: sum_h alpha*(log pi(a_h|s_h) + H(pi(.|s_h))); pmi: alpha*(log pi(y|x) - log pi(y|x0));
+        # contrastive: alpha*(log pi(y|x+principle) - log pi(y|x+anti))
+        c = np.array([np.sum(r, dtype=np.float64) for r in run_pool(form_requests[form], EndogenousScorer, cfg,
+                                                                   "token_rewards", f"{form} reward", form_cfg)])
+        scores[f"endogenous ({form})"] = (c[0::2], c[1::2])
     scores["longer wins"] = (lengths[0::2], lengths[1::2])
     scores["shorter wins"] = (-lengths[0::2], -lengths[1::2])
     if cfg.judge:

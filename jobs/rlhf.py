@@ -175,8 +175,8 @@ def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
     _, tokenizer, window = open_model(cfg.model)  # the driver needs the tokenizer; actors resolve the model themselves
     cfg.rollout.check_fits(window)
     try:
-        train_ids = tokenize_prompts(train_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)
-        heldout_ids = tokenize_prompts(heldout_prompts, tokenizer, cfg.reward.system_prompt, cfg.rollout.max_prompt_tokens)
+        train_ids = tokenize_prompts(train_prompts, tokenizer, cfg.reward, cfg.rollout.max_prompt_tokens)
+        heldout_ids = tokenize_prompts(heldout_prompts, tokenizer, cfg.reward, cfg.rollout.max_prompt_tokens)
     except ValueError as e:
         raise SystemExit(f"--prompts: {e}")
     resume = latest_checkpoint(cfg.storage) if cfg.resume else None

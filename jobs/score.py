@@ -21,8 +21,8 @@ from tqdm import tqdm
 from actors.base_model import EndogenousScorer, ScoringConfig, map_with_actor_pool, wait_for_replica_room
 from actors.cluster import RayConfig, check_driver_device, init_ray, is_local
 from actors.placement import PlacementConfig
-from pipeline.arrow import request_table
-from pipeline.chat import encode_row
+from pipeline.arrow import context_columns, request_table
+from pipeline.chat import encode_contexts, encode_row
 from pipeline.config import opt, parse_config, to_yaml
 from pipeline.data import prompt_field, read_records, require_columns, text_field
 from pipeline.endogenous import EndoRewardConfig
@@ -92,18 +92,20 @@ def score_file(cfg: ScoreConfig) -> str:
         rows = [dict(row, prompt=m) for row, m in zip(rows, messages)]  # a parquet column holds one type
     writer = OutputWriter(cfg.output)
     _, tokenizer, window = open_model(cfg.base, flag="--model")
-    prompt_ids, response_ids, finished, dropped = [], [], [], []
+    prompt_ids, response_ids, finished, dropped, contexts = [], [], [], [], []
     for i, (m, r) in enumerate(zip(messages, responses)):
         try:
             p, resp, done, n_dropped, _ = encode_row(tokenizer, m, r, window, cfg.reward.system_prompt,
                                                      cfg.reward.truncation, where=f"row {i}")
+            contexts.append(encode_contexts(tokenizer, m, resp, window, cfg.reward, where=f"row {i}"))  # pmi, contrastive
         except ValueError as e:
             raise SystemExit(f"--input: {e}")
         prompt_ids.append(p)
         response_ids.append(resp)
         finished.append(done)  # a response cut to fit the window lost its EOS: scored as unfinished
         dropped.append(n_dropped)
-    requests = request_table(prompt_ids, response_ids, finished, row_index=pa.array(range(len(rows))))
+    requests = request_table(prompt_ids, response_ids, finished, row_index=pa.array(range(len(rows))),
+                             **context_columns(contexts))
     init_ray(cfg.ray, cfg.base.device)
     wait_for_replica_room(cfg.base, cfg.scoring, cfg.placement)
     with tqdm(total=len(rows), desc="scoring", unit="row") as bar:

@@ -22,6 +22,11 @@ SCORE_REQUEST_SCHEMA = pa.schema([
     ("finished", pa.bool_()),    # False: cut by a length limit, no EOS
 ])
 
+# Optional request column for the reward forms pmi and contrastive: each row's extra prompts, after which the
+# response is scored again (pipeline.chat.context_prompts), as list<list<int32>>.
+CONTEXT_COLUMN = "context_prompt_ids"
+CONTEXTS = pa.list_(TOKENS)
+
 # What it returns: the request columns plus these.
 SCORED_FIELDS = [
     ("token_rewards", FLOATS),   # r_h = Q(s_h, a_h) - V(s_{h+1}), one per response token
@@ -47,6 +52,28 @@ def numpy_to_ragged(rows: list[np.ndarray] | list[list], value_type: pa.DataType
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate([np.asarray(r) for r in rows]) if rows else np.zeros(0)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(value_type.to_pandas_dtype())))
+
+
+def contexts_to_arrow(rows: list[list]) -> pa.ListArray:
+    """Per row a list of token-id lists -> a list<list<int32>> column (CONTEXT_COLUMN)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), numpy_to_ragged([c for r in rows for c in r], pa.int32()))
+
+
+def arrow_to_contexts(column: pa.ChunkedArray | pa.Array) -> list[list[np.ndarray]]:
+    """A list<list<int32>> column -> per row a list of numpy token-id arrays (views into the flat values)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    inner = ragged_to_numpy(column.values)  # every inner list of the buffer; a slice's offsets index into it
+    offsets = column.offsets.to_numpy()
+    return [inner[offsets[i]:offsets[i + 1]] for i in range(len(column))]
+
+
+def context_columns(contexts: list[list]) -> dict:
+    """{CONTEXT_COLUMN: column} for request_table when any row has extra contexts, else {} (forms raw, centered)."""
+    return {CONTEXT_COLUMN: contexts_to_arrow(contexts)} if any(contexts) else {}
 
 
 def ragged_to_padded(rows: list[np.ndarray], pad_value: float = 0.0, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:

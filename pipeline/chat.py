@@ -66,3 +66,29 @@ def encode_row(tokenizer, messages: list[dict], response: str, window: int, syst
     prompt_ids, response_ids, dropped, cut = fit_to_window(encode_prompt(tokenizer, messages, system_prompt),
                                                            full_response, window, policy, where)
     return prompt_ids, response_ids, not cut, dropped, len(full_response) - len(response_ids)
+
+
+def context_prompts(tokenizer, messages: list[dict] | None, cfg) -> list[list[int]]:
+    """The extra prompts reward form `cfg.form` (an EndoRewardConfig) scores a response after, in the order
+    pipeline.endogenous.score_endogenous reads them: pmi [x0], contrastive [x+principle, x+anti], else [].
+
+    x0 (pmi) is the chat template around one user turn holding cfg.pmi_prompt (default empty), under the same
+    cfg.system_prompt as x: only the user's messages differ, so the sum of pmi token rewards is the response's
+    pointwise mutual information with them. contrastive restates `messages` with cfg.principle, then
+    cfg.anti_principle, as the system prompt (replacing any system message, cfg.system_prompt included)."""
+    if cfg.form == "pmi":
+        return [encode_prompt(tokenizer, [{"role": "user", "content": cfg.pmi_prompt}], cfg.system_prompt)]
+    if cfg.form == "contrastive":
+        if messages is None:
+            raise ValueError("reward.form contrastive restates the prompt's chat messages under the principle, and this "
+                             "prompt came as template text. Fix: send chat messages, or use another reward.form.")
+        return [encode_prompt(tokenizer, messages, cfg.principle), encode_prompt(tokenizer, messages, cfg.anti_principle)]
+    return []
+
+
+def encode_contexts(tokenizer, messages: list[dict] | None, response_ids: list[int], window: int, cfg,
+                    where: str = "row") -> list[list[int]]:
+    """context_prompts fitted to the window in front of `response_ids` (already fitted behind its own prompt, so
+    it is never cut again): policy "left" drops a context's oldest tokens, "error" refuses, naming `where`."""
+    return [fit_to_window(c, response_ids, window, cfg.truncation, f"{where} ({cfg.form} context)")[0]
+            for c in context_prompts(tokenizer, messages, cfg)]

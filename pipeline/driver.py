@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.arrow import numpy_to_ragged
-from pipeline.chat import encode_prompt
+from pipeline.arrow import context_columns, numpy_to_ragged
+from pipeline.chat import context_prompts, encode_prompt
 from pipeline.seeds import epoch_seed
 from pipeline.precision import sync_tolerance
 
@@ -39,14 +39,21 @@ class PhaseTimer:
         return out
 
 
-def tokenize_prompts(prompts: pa.Table, tokenizer, system_prompt: str, max_prompt_tokens: int) -> pa.Table:
-    """(prompt_id, prompt messages) -> (prompt_id, prompt_ids); a prompt over the limit is an error, before any work."""
-    ids = [encode_prompt(tokenizer, m, system_prompt) for m in prompts["prompt"].to_pylist()]
-    for prompt_id, p in zip(prompts["prompt_id"].to_pylist(), ids):
-        if len(p) > max_prompt_tokens:
-            raise ValueError(f"prompt {prompt_id!r} is {len(p)} tokens, over rollout.max_prompt_tokens={max_prompt_tokens}. "
+def tokenize_prompts(prompts: pa.Table, tokenizer, reward_cfg, max_prompt_tokens: int) -> pa.Table:
+    """(prompt_id, prompt messages) -> (prompt_id, prompt_ids), under reward_cfg.system_prompt, plus each prompt's
+    extra contexts for reward forms pmi and contrastive (CONTEXT_COLUMN: the engines copy it onto every sample, for
+    the scorer); a prompt or context over the limit is an error, before any work."""
+    messages = prompts["prompt"].to_pylist()
+    ids = [encode_prompt(tokenizer, m, reward_cfg.system_prompt) for m in messages]
+    contexts = [context_prompts(tokenizer, m, reward_cfg) for m in messages]
+    for prompt_id, p, c in zip(prompts["prompt_id"].to_pylist(), ids, contexts):
+        longest = max([len(p)] + [len(x) for x in c])
+        if longest > max_prompt_tokens:
+            what = "" if longest == len(p) else f" under reward.form {reward_cfg.form}"
+            raise ValueError(f"prompt {prompt_id!r} is {longest} tokens{what}, over rollout.max_prompt_tokens={max_prompt_tokens}. "
                              f"Fix: shorten or drop it, or raise --rollout.max_prompt_tokens (within the model's window).")
-    return pa.table({"prompt_id": prompts["prompt_id"], "prompt_ids": numpy_to_ragged(ids, pa.int32())})
+    return pa.table({"prompt_id": prompts["prompt_id"], "prompt_ids": numpy_to_ragged(ids, pa.int32()),
+                     **context_columns(contexts)})
 
 
 def prompt_batch(prompts: pa.Table, step: int, batch_size: int, seed: int) -> pa.Table:

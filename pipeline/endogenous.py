@@ -8,6 +8,16 @@ Token MDP: s_h = prompt + a_1..a_{h-1}, action a_h = next token, gamma = 1, f(s)
     R       = sum_h r_h = alpha * log pi(y|x) + V(s_1),   pi = softmax(f / alpha)
 The same pass yields log pi_ref(a_h | s_h) = f(s_h)[a_h] - logsumexp f(s_h) for the KL penalty.
 
+Forms of the token reward (--reward.form), all from the logits of one packed scoring call:
+    raw          r_h = Q(s_h, a_h) - V(s_{h+1})
+    centered     c_h = alpha*(log pi(a_h|s_h) + H(pi(.|s_h))) = Q(s_h, a_h) - E_{a~pi}[f(s_h)[a]]
+    pmi          p_h = alpha*(log pi(a_h | x, y_<h) - log pi(a_h | x0, y_<h)),  x0 = a prompt without the user's
+                 question (the chat template around one user turn holding reward.pmi_prompt, default empty)
+    contrastive  k_h = alpha*(log pi(a_h | x+principle, y_<h) - log pi(a_h | x+anti, y_<h)),  the prompt restated
+                 under the system prompt reward.principle, then under reward.anti_principle
+pmi and contrastive score the response again after the extra contexts (`context_ids`): those rows are packed
+into the same forward passes as the rows themselves, and identical contexts (x0 for every row) are held once.
+
 Packing: rows that share a prompt (a preference pair's chosen and rejected; the n RL samples of a prompt) are
 one segment, the prompt once followed by each response; segments are packed into forward passes with no
 padding. A tree-shaped attention mask lets each response see its prompt and itself only, and position ids
@@ -25,6 +35,9 @@ import torch
 
 from pipeline.config import opt
 
+FORMS = ("raw", "centered", "pmi", "contrastive")  # the token-reward forms, as in EndoRewardConfig.form
+CONTEXTS = {"pmi": 1, "contrastive": 2}  # forms that score the response after extra contexts: how many per row
+
 
 @dataclasses.dataclass
 class EndoRewardConfig:
@@ -32,8 +45,16 @@ class EndoRewardConfig:
     system_prompt: str = opt("", "system prompt that conditions the reward on a domain or principle (empty: none)")
     truncated_terminal: Literal["zero", "value"] = opt(
         "zero", "V(s_{H+1}) for a response cut without EOS: zero (paper) or value (the model's real V there)")
-    form: Literal["raw", "centered"] = opt(
-        "raw", "token reward: raw = Q - V(s_{h+1}) (paper); centered = alpha*(log pi(a_h|s_h) + H(pi(.|s_h))), zero-mean under the model")
+    form: Literal["raw", "centered", "pmi", "contrastive"] = opt(
+        "raw", "token reward: raw = Q - V(s_{h+1}) (paper); centered = alpha*(log pi(a_h|s_h) + H(pi(.|s_h))), zero-mean "
+               "under the model; pmi = alpha*(log pi(a_h|x,y_<h) - log pi(a_h|x0,y_<h)), x0 = no question; contrastive = "
+               "alpha*(log pi(a_h|x+principle,y_<h) - log pi(a_h|x+anti_principle,y_<h))")
+    pmi_prompt: str = opt("", "form pmi: the user message of the weaker context x0 (chat template, reward.system_prompt, "
+                              "then this one user turn; empty: an empty user turn)")
+    principle: str = opt("You are a helpful, honest and harmless assistant.",
+                         "form contrastive: the system prompt stating the principle")
+    anti_principle: str = opt("You are an unhelpful, dishonest and harmful assistant.",
+                              "form contrastive: the system prompt stating its opposite")
     normalize: Literal["none", "mean"] = opt("none", "response reward: none = sum of r_h, mean = sum / length")
     truncation: Literal["left", "error"] = opt("left", "prompt+response over the window: left = drop oldest prompt tokens, error = refuse")
     pack_tokens: int = opt(512, "tokens per packed forward pass; attention cost grows with it (512 was fastest on CPU)")
@@ -42,6 +63,16 @@ class EndoRewardConfig:
     def __post_init__(self):
         if not self.alpha > 0:
             raise ValueError(f"reward.alpha must be > 0, got {self.alpha}. Fix: --reward.alpha 1.0")
+        if self.form not in FORMS:
+            raise ValueError(f"reward.form {self.form!r} is not one of {list(FORMS)}. Fix: --reward.form raw")
+        if self.form == "contrastive":
+            for name in ("principle", "anti_principle"):
+                if not getattr(self, name).strip():
+                    raise ValueError(f"reward.{name} is empty: form contrastive scores the response under the principle "
+                                     f"and under its opposite. Fix: --reward.{name} 'You are ...' (a system prompt)")
+            if self.principle.strip() == self.anti_principle.strip():
+                raise ValueError("reward.principle and reward.anti_principle are the same: the contrastive reward would "
+                                 "be 0. Fix: give the opposite principle in --reward.anti_principle")
 
 
 @dataclasses.dataclass
@@ -76,8 +107,15 @@ def group_by_prompt(prompt_ids: list) -> list[list[int]]:
 def prompt_shared_packs(prompt_ids: list, response_ids: list, budget: int):
     """The forward passes of prompt-shared packing: yields (groups, segments) per pack, where groups are the row
     indices that share a prompt, in packed order, and segments their (prompt, [responses]) for
-    packed_hidden_states; a pack holds at most `budget` tokens (a larger group goes alone)."""
-    groups = group_by_prompt(prompt_ids)
+    packed_hidden_states; a pack holds at most `budget` tokens. A group over the budget goes alone, its prompt
+    computed once; but if its prompt is short (at most a quarter of the budget) it is split into parts that fit,
+    the prompt repeated in each: one short prompt shared by many rows (pmi's x0 is every row's) would otherwise
+    make one pack as long as all of them, and attention over a pack costs its length squared."""
+    groups = []
+    for group in group_by_prompt(prompt_ids):
+        p = len(prompt_ids[group[0]])
+        parts = pack_by_budget([len(response_ids[i]) for i in group], budget - p) if 4 * p <= budget else [range(len(group))]
+        groups += [[group[j] for j in part] for part in parts]
     sizes = [len(prompt_ids[g[0]]) + sum(len(response_ids[i]) for i in g) for g in groups]
     for pack in pack_by_budget(sizes, budget):
         pack_groups = [groups[g] for g in pack]
@@ -137,12 +175,10 @@ def head_statistics(model, hidden: torch.Tensor, targets: torch.Tensor, alpha: f
 
 
 @torch.no_grad()
-def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list[bool],
-                     cfg: EndoRewardConfig) -> EndoScores:
-    """Endogenous token rewards, response rewards and reference log-probs for each (prompt, response)."""
-    n = len(prompt_ids)
-    token_rewards, ref_logprobs = [None] * n, [None] * n
-    rewards = np.zeros(n, dtype=np.float32)
+def row_statistics(model, prompt_ids: list, response_ids: list, cfg: EndoRewardConfig) -> list[tuple]:
+    """Per row, float64 on CPU, over its states s_1..s_{H+1}: (Q(s_h, a_h) for h <= H, V(s), lse f(s), E_pi[f(s)]
+    (zeros unless form centered)), from prompt-shared packed forward passes."""
+    stats = [None] * len(prompt_ids)
     for pack_groups, segments in prompt_shared_packs(prompt_ids, response_ids, cfg.pack_tokens):
         hidden = packed_hidden_states(model, segments)
         # Logits at position t predict token t+1. States s_1..s_{H+1} of a response: the prompt's last token
@@ -166,18 +202,57 @@ def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list
         offset = 0
         for i in order:
             h = len(response_ids[i])
-            q_i, v_i, lse_i = q[offset:offset + h], v[offset:offset + h + 1], lse[offset:offset + h]
+            stats[i] = (q[offset:offset + h], v[offset:offset + h + 1], lse[offset:offset + h + 1], mean_f[offset:offset + h + 1])
             offset += h + 1
+    return stats
+
+
+def check_contexts(cfg: EndoRewardConfig, context_ids: list | None, n: int) -> list:
+    """Each row's extra contexts as form cfg.form needs them ([] per row for raw and centered)."""
+    k = CONTEXTS.get(cfg.form, 0)
+    if not k:
+        return [[] for _ in range(n)]
+    if context_ids is None or len(context_ids) != n or any(len(c) != k for c in context_ids):
+        raise ValueError(f"reward.form {cfg.form} scores each response after {k} extra context(s) (pmi: x0; contrastive: "
+                         f"the prompt under the principle, then under the anti-principle), but the rows do not carry "
+                         f"them. Fix: give each row `context_prompt_ids` from pipeline.chat.context_prompts.")
+    return context_ids
+
+
+@torch.no_grad()
+def score_endogenous(model, prompt_ids: list, response_ids: list, finished: list[bool],
+                     cfg: EndoRewardConfig, context_ids: list | None = None) -> EndoScores:
+    """Endogenous token rewards, response rewards and reference log-probs for each (prompt, response).
+
+    `context_ids[i]`: row i's extra prompts for forms pmi ([x0]) and contrastive ([x+principle, x+anti]); the
+    response is scored after each of them in the same packed passes as the rows. The KL reference is always the
+    row's own prompt."""
+    n = len(prompt_ids)
+    contexts = check_contexts(cfg, context_ids, n)
+    k = CONTEXTS.get(cfg.form, 0)
+    # rows 0..n-1 are the rows; row n*(1+j)+i is row i after its j-th extra context
+    stats = row_statistics(model, list(prompt_ids) + [c[j] for j in range(k) for c in contexts],
+                           list(response_ids) * (1 + k), cfg)
+    token_rewards, ref_logprobs = [None] * n, [None] * n
+    rewards = np.zeros(n, dtype=np.float32)
+    for i in range(n):
+        h = len(response_ids[i])
+        q_i, v_i, lse_i, mean_f_i = stats[i]
+        if cfg.form == "centered":
+            # c_h = alpha*(log pi(a_h|s_h) + H(pi(.|s_h))) = (Q - V(s_h)) + (V(s_h) - E_pi[f(s_h)]) = Q(s_h, a_h) - E_pi[f(s_h)]
+            r = q_i - mean_f_i[:h]
+        elif cfg.form in ("pmi", "contrastive"):
+            plus, minus = (stats[i], stats[n + i]) if cfg.form == "pmi" else (stats[n + i], stats[2 * n + i])
+            # pmi:         p_h = alpha*(log pi(a_h|x, y_<h) - log pi(a_h|x0, y_<h)),  alpha*log pi(a|s) = Q(s, a) - V(s)
+            # contrastive: k_h = alpha*(log pi(a_h|x+principle, y_<h) - log pi(a_h|x+anti, y_<h))
+            r = (plus[0] - plus[1][:h]) - (minus[0] - minus[1][:h])
+        else:
             v_next = v_i[1:].clone()  # V(s_{h+1}) for h = 1..H
             if h and (finished[i] or cfg.truncated_terminal == "zero"):
                 v_next[-1] = 0.0  # terminal: V(s_{H+1}) := 0
-            if cfg.form == "centered":
-                # c_h = alpha*(log pi(a_h|s_h) + H(pi(.|s_h))) = (Q - V(s_h)) + (V(s_h) - E_pi[f(s_h)]) = Q(s_h, a_h) - E_pi[f(s_h)]
-                r = q_i - mean_f[offset - h - 1:offset - 1]
-            else:
-                r = q_i - v_next  # r_h = Q(s_h, a_h) - V(s_{h+1})
-            token_rewards[i] = r.float().numpy()
-            ref_logprobs[i] = (q_i - lse_i).float().numpy()  # log pi_ref(a_h|s_h) = f[a_h] - lse(f)
-            total = r.sum().item()
-            rewards[i] = total / max(h, 1) if cfg.normalize == "mean" else total
+            r = q_i - v_next  # r_h = Q(s_h, a_h) - V(s_{h+1})
+        token_rewards[i] = r.float().numpy()
+        ref_logprobs[i] = (q_i - lse_i[:h]).float().numpy()  # log pi_ref(a_h|s_h) = f[a_h] - lse(f)
+        total = r.sum().item()
+        rewards[i] = total / max(h, 1) if cfg.normalize == "mean" else total
     return EndoScores(token_rewards, ref_logprobs, rewards)

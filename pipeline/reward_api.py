@@ -7,7 +7,8 @@ Two protocols, both scored by the packed endogenous scorer that `jobs.score` use
        "token_rewards": bool, "sentence_rm": bool, "system_prompt": str, "reward": {EndoRewardConfig fields}}
    -> {"items": [{"reward", "prompt_tokens_dropped", "response_tokens_dropped",
                   "token_rewards" (asked), "sentence_reward" + "sentence_rewards" (asked)}, ...]}   (request order)
-      Items are encoded exactly as `jobs.score` encodes rows (pipeline.chat.encode_row).
+      Items are encoded exactly as `jobs.score` encodes rows (pipeline.chat.encode_row), with the extra contexts of
+      reward.form pmi or contrastive (pipeline.chat.encode_contexts).
 
   POST /get_reward (OpenRLHF's remote reward protocol, openrlhf/cli/serve_rm.py)
       {"query": [prompt + response text], "prompts": [prompt text], "labels": [...]}
@@ -15,7 +16,9 @@ Two protocols, both scored by the packed endogenous scorer that `jobs.score` use
       The prompt text is scored as given (OpenRLHF's prompts already hold the chat template); the response is
       query[len(prompt):], finished when it ends with EOS. EndoRL's extension, which other servers ignore:
       "prompt_ids" / "response_ids" (the token ids as sampled, checked against the query text: re-tokenising
-      decoded text does not always give back the sampled tokens) and "token_rewards": true.
+      decoded text does not always give back the sampled tokens) and "token_rewards": true. The server's own
+      reward.form applies; pmi's x0 is this server's chat template without a question, and contrastive is refused
+      (422, reward.form): it restates the prompt's chat messages, which template text does not give back.
 
 Every refusal is a RequestError: an HTTP status, the field at fault and the fix, for that one request.
 """
@@ -30,7 +33,7 @@ import json
 import re
 from typing import Any
 
-from pipeline.chat import encode_row, fit_to_window
+from pipeline.chat import context_prompts, encode_contexts, encode_row, fit_to_window
 from pipeline.config import ConfigError, from_dict, opt
 from pipeline.data import prompt_field, text_field
 from pipeline.endogenous import EndoRewardConfig
@@ -77,10 +80,12 @@ class ScoreJob:
     reward: EndoRewardConfig
     token_rewards: bool = False
     sentence_rm: bool = False
+    context_prompt_ids: list[list[list[int]]] = dataclasses.field(default_factory=list)  # per row, forms pmi, contrastive
 
     @functools.cached_property
     def tokens(self) -> int:  # read by the batch queue's batch_size_fn each time a request joins a batch
-        return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids))
+        extra = sum(len(c) + len(r) for row, r in zip(self.context_prompt_ids, self.response_ids) for c in row)
+        return sum(len(p) + len(r) for p, r in zip(self.prompt_ids, self.response_ids)) + extra
 
 
 # ------------------------------------------------------------------------------------------------ auth
@@ -264,6 +269,7 @@ def encode_reward_request(data: dict, tokenizer, window: int, defaults: EndoRewa
         try:
             p, r, finished, dropped, cut = encode_row(tokenizer, messages, response, window, reward.system_prompt,
                                                       reward.truncation, where=where)
+            job.context_prompt_ids.append(encode_contexts(tokenizer, messages, r, window, reward, where))
         except ValueError as e:  # truncation policy "error": this item does not fit the window
             raise RequestError(413, where, str(e)) from None
         except Exception as e:  # the chat template refused the messages (e.g. roles out of order)
@@ -306,6 +312,11 @@ def encode_openrlhf_request(data: dict, tokenizer, window: int, defaults: EndoRe
             raise RequestError(422, key, f"{key} must be a list as long as query.")
     token_rewards = _flag(data, "token_rewards")
     job = ScoreJob([], [], [], [], [], defaults, token_rewards)
+    try:  # pmi's x0 is this server's chat template without a question; contrastive needs messages, not template text
+        contexts = context_prompts(tokenizer, None, defaults)
+    except ValueError as e:
+        raise RequestError(422, "reward.form", f"this server scores reward.form {defaults.form}, which /get_reward "
+                                               f"cannot: {e} (POST /v1/reward takes chat messages)") from None
     vocab_size, eos = len(tokenizer), tokenizer.eos_token_id
     for i, (query, prompt) in enumerate(zip(queries, prompts)):
         query, prompt = _text(query, f"query[{i}]"), _text(prompt, f"prompts[{i}]")
@@ -332,6 +343,11 @@ def encode_openrlhf_request(data: dict, tokenizer, window: int, defaults: EndoRe
         for column, value in zip(("prompt_ids", "response_ids", "finished", "prompt_tokens_dropped",
                                   "response_tokens_dropped"), (p, r, finished and not cut, dropped, full_length - len(r))):
             getattr(job, column).append(value)
+        try:
+            job.context_prompt_ids.append([fit_to_window(c, r, window, defaults.truncation, f"query[{i}] ({defaults.form} "
+                                                                                         f"context)")[0] for c in contexts])
+        except ValueError as e:
+            raise RequestError(413, f"query[{i}]", str(e)) from None
     check_request_tokens(job, limits)
     return job
 

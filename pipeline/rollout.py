@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.arrow import ROLLOUT_SCHEMA, numpy_to_ragged
+from pipeline.arrow import ROLLOUT_SCHEMA, context_columns, numpy_to_ragged
 from pipeline.config import opt
 
 LOGPROBS_MODE = "processed_logprobs"  # vLLM engine arg: logprobs after temperature and top-p (module docstring)
@@ -99,18 +99,22 @@ def sampling_params_kwargs(cfg: RolloutConfig, n_samples: int | None = None, see
 
 
 def outputs_to_rollout_table(prompt_ids_per_prompt: list, prompt_id_list: list[str], request_outputs: list,
-                             eos_token_id: int) -> pa.Table:
+                             eos_token_id: int, contexts: list | None = None) -> pa.Table:
     """vLLM RequestOutputs (one per prompt, in prompt order) -> a ROLLOUT_SCHEMA table.
 
     Row order: prompt by prompt, and a prompt's n samples adjacent in sample-index order.
     finished = the response stopped on a token (EOS, or a generation-config stop token id) and ends with it.
+    `contexts` (one entry per prompt: its extra contexts for reward forms pmi, contrastive) is copied onto each of
+    the prompt's samples as CONTEXT_COLUMN, for the scorer.
     """
     if not len(prompt_ids_per_prompt) == len(prompt_id_list) == len(request_outputs):
         raise ValueError(f"got {len(prompt_ids_per_prompt)} prompts, {len(prompt_id_list)} prompt ids and "
                          f"{len(request_outputs)} outputs; they must be equal (one output per prompt, in order)")
     rows = {name: [] for name in ROLLOUT_SCHEMA.names}
-    for prompt_ids, prompt_id, request_output in zip(prompt_ids_per_prompt, prompt_id_list, request_outputs):
+    sample_contexts = []
+    for p, (prompt_ids, prompt_id, request_output) in enumerate(zip(prompt_ids_per_prompt, prompt_id_list, request_outputs)):
         for sample in sorted(request_output.outputs, key=lambda s: s.index):
+            sample_contexts.append(contexts[p] if contexts is not None else [])
             response_ids = list(sample.token_ids)
             if sample.logprobs is None or len(sample.logprobs) != len(response_ids):
                 raise ValueError(f"prompt {prompt_id!r}: sampled-token log-probs missing; request them with "
@@ -137,7 +141,10 @@ def outputs_to_rollout_table(prompt_ids_per_prompt: list, prompt_id_list: list[s
                numpy_to_ragged(rows["sample_logprobs"], pa.float32()),
                pa.array(rows["finish_reason"], pa.string()),
                pa.array(rows["finished"], pa.bool_())]
-    return pa.Table.from_arrays(columns, schema=ROLLOUT_SCHEMA)
+    table = pa.Table.from_arrays(columns, schema=ROLLOUT_SCHEMA)
+    for name, column in context_columns(sample_contexts).items():
+        table = table.append_column(name, column)
+    return table
 
 
 def prompt_logprobs_to_numpy(prompt_logprobs: list, sequence: list[int], start: int) -> np.ndarray:

@@ -56,3 +56,30 @@ def test_a_replica_asks_for_a_share_of_one_node_not_of_the_cluster():
     assert replica_cpus(ScoringConfig(replicas=3), nodes) == 1.0
     assert replica_cpus(ScoringConfig(replicas=8), nodes) == 1.0  # never below one CPU
     assert replica_cpus(ScoringConfig(replicas=1, cpus_per_replica=2), nodes) == 2.0  # config wins
+
+
+def test_rl_rollout_with_contexts_gets_context_form_rewards_into_the_advantages(tiny_model_dir):
+    """RL under --reward.form pmi: prompts carry x0 (tokenize_prompts), the engines copy it onto each sample, the
+    scorer reads it, and the advantages are built from the pmi token rewards (REINFORCE: returns-to-go)."""
+    from pipeline.arrow import CONTEXT_COLUMN, arrow_to_contexts
+    from pipeline.data import builtin_prompts
+    from pipeline.driver import tokenize_prompts
+    from pipeline.experience import AdvantageConfig, build_experience
+    from pipeline.rollout import outputs_to_rollout_table
+    from tests.pipeline.test_rollout import fake_request, fake_sample
+
+    tokenizer, cfg = load_tokenizer(tiny_model_dir), EndoRewardConfig(form="pmi")
+    prompts = tokenize_prompts(builtin_prompts().slice(0, 2), tokenizer, cfg, 128)
+    eos = tokenizer.eos_token_id
+    outputs = [fake_request(fake_sample(0, [300, 301, eos], [-1.0] * 3, "stop"), fake_sample(1, [302], [-1.0], "length")),
+               fake_request(fake_sample(0, [303, eos], [-1.0] * 2, "stop"))]
+    prompt_ids = [p.tolist() for p in ragged_to_numpy(prompts["prompt_ids"])]
+    contexts = [[c.tolist() for c in row] for row in arrow_to_contexts(prompts[CONTEXT_COLUMN])]
+    rollout = outputs_to_rollout_table(prompt_ids, prompts["prompt_id"].to_pylist(), outputs, eos, contexts)
+    scored = EndogenousScorer(ModelConfig(name=tiny_model_dir, dtype="float32"), cfg).score(rollout)
+    (x0,) = contexts[0]
+    direct = score_endogenous(load_causal_lm(tiny_model_dir), [prompt_ids[0], prompt_ids[0], prompt_ids[1]],
+                              [s.token_ids for o in outputs for s in o.outputs], [True, False, True], cfg, [[x0]] * 3)
+    experience, _ = build_experience(scored, AdvantageConfig(estimator="reinforce"), 1, 0.0, kl_in_reward=False)
+    for i, advantages in enumerate(ragged_to_numpy(experience["advantages"])):
+        np.testing.assert_allclose(advantages, np.cumsum(direct.token_rewards[i][::-1])[::-1], atol=1e-4)

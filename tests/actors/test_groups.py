@@ -39,7 +39,7 @@ def test_one_step_changes_weights_and_reaches_the_engine(tmp_path, tiny_model_di
     workers = RLWorkers(cfg)
     try:
         before = ray.get(workers.learner.state_dict_ref())
-        prompts = tokenize_prompts(builtin_prompts().slice(0, 6), load_tokenizer(tiny_model_dir), "", 128)
+        prompts = tokenize_prompts(builtin_prompts().slice(0, 6), load_tokenizer(tiny_model_dir), cfg.reward, 128)
         log = RunLog(str(tmp_path), "config: test")
         rl_loop(cfg, workers, prompts.slice(0, 4), prompts.slice(4, 2), log)
         after = ray.get(workers.learner.state_dict_ref())

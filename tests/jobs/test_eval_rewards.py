@@ -17,10 +17,10 @@ def test_writes_table_json_and_markdown(tmp_path, tiny_model_dir, local_ray, cap
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
     report = eval_rewards.main(["--data", str(data), "--model.name", tiny_model_dir, "--output", str(tmp_path / "out"),
-                                "--scoring.batch_size", "2", "--forms", "sum,mean,centered"])
+                                "--scoring.batch_size", "2", "--forms", "sum,mean,centered,pmi"])
     acc = report["accuracy"]
-    assert set(acc) == {"endogenous (sum)", "endogenous (per-token mean)", "endogenous (centered)", "longer wins",
-                        "shorter wins", "LLM-as-a-judge (both orders)"}
+    assert set(acc) == {"endogenous (sum)", "endogenous (per-token mean)", "endogenous (centered)", "endogenous (pmi)",
+                        "longer wins", "shorter wins", "LLM-as-a-judge (both orders)"}
     assert acc["longer wins"]["overall"] == 1.0 and acc["longer wins"]["chosen longer"] == 1.0
     assert acc["shorter wins"]["overall"] == 0.0
     assert all(np.isnan(row["chosen shorter"]) for row in acc.values())  # every chosen answer is the longer one
@@ -36,7 +36,9 @@ def test_missing_data_and_bad_format_are_clear(tmp_path):
         eval_rewards.main([])
     with pytest.raises(SystemExit, match="not one of"):
         eval_rewards.main(["--data", "x.jsonl", "--format", "csv"])
-    with pytest.raises(SystemExit, match="--forms 'sum,pmi'"):
-        eval_rewards.main(["--data", "x.jsonl", "--forms", "sum,pmi"])
+    with pytest.raises(SystemExit, match="--forms 'sum,median'"):
+        eval_rewards.main(["--data", "x.jsonl", "--forms", "sum,median"])
+    with pytest.raises(SystemExit, match="--forms: reward.anti_principle is empty"):
+        eval_rewards.main(["--data", "x.jsonl", "--forms", "sum,contrastive", "--reward.anti_principle", ""])
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         eval_rewards.main(["--data", str(tmp_path / "missing.jsonl"), "--judge", "false"])

@@ -98,14 +98,15 @@ def guarded(launched):
 
 @pytest.fixture(scope="module")
 def scored_by_job(launched, tmp_path_factory, tiny_model_dir, local_ray):
-    """jobs.score's output on ROWS: with the defaults, and with a system prompt and the mean form (computed while
-    the servers start)."""
+    """jobs.score's output on ROWS: with the defaults, with a system prompt and the mean form, and with the
+    contrastive form (computed while the servers start)."""
     folder = tmp_path_factory.mktemp("score")
     source = folder / "rows.jsonl"
     source.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     outputs = {}
     for name, extra in [("default", []), ("pirate_mean", ["--reward.system_prompt", SYSTEM_PROMPT,
-                                                          "--reward.normalize", "mean"])]:
+                                                          "--reward.normalize", "mean"]),
+                        ("contrastive", ["--reward.form", "contrastive", "--reward.principle", SYSTEM_PROMPT])]:
         out = folder / f"{name}.jsonl"
         score.main(["--model", tiny_model_dir, "--input", str(source), "--output", str(out), "--base.max_length",
                     str(WINDOW), "--base.dtype", "float32", "--ray.num_cpus", "2", *extra])
@@ -139,6 +140,17 @@ def test_v1_reward_equals_jobs_score(scored_by_job, server):
     rewards = [item["reward"] for item in answer.json()["items"]]
     assert np.abs(np.array(rewards) - [row["reward"] for row in scored_by_job["pirate_mean"]]).max() < 1e-4
     assert "token_rewards" not in answer.json()["items"][0]
+    # the contrastive form: the extra contexts scored with the rows, on both sides (they count in a request's
+    # tokens: one request a row, under this server's limits.max_request_tokens)
+    got_items = []
+    for row in ROWS:
+        answer = post(server, "/v1/reward", {"items": items([row]), "token_rewards": True,
+                                             "reward": {"form": "contrastive", "principle": SYSTEM_PROMPT}})
+        assert answer.status_code == 200, answer.text
+        got_items += answer.json()["items"]
+    for got, expected, default in zip(got_items, scored_by_job["contrastive"], scored_by_job["default"], strict=True):
+        assert np.abs(np.array(got["token_rewards"]) - np.array(expected["token_rewards"])).max() < 1e-4
+        assert abs(got["reward"] - default["reward"]) > 1e-3
 
 
 def test_openrlhf_clients_request(server, scored_by_job, tiny_model_dir):

@@ -33,3 +33,16 @@ def test_parquet_bytes_round_trip_keeps_ragged_columns():
     table = pa.table({"prompt_id": ["a", "b"], "response_ids": numpy_to_ragged([np.array([1, 2]), np.array([3])], pa.int32()),
                       "reward": pa.array([0.5, -1.0], pa.float32())})
     assert read_parquet_bytes(parquet_bytes(table)).equals(table)
+
+
+def test_contexts_round_trip_including_empty_rows_and_slices():
+    from pipeline.arrow import CONTEXT_COLUMN, arrow_to_contexts, context_columns, contexts_to_arrow
+
+    rows = [[[1, 2], [3]], [[4], [5, 6, 7]], [[8], []]]
+    column = contexts_to_arrow(rows)
+    assert column.type == pa.list_(pa.list_(pa.int32()))
+    assert [[c.tolist() for c in row] for row in arrow_to_contexts(column)] == rows
+    assert [[c.tolist() for c in row] for row in arrow_to_contexts(pa.chunked_array([column.slice(1, 2)]))] == rows[1:]
+    table = request_table([[1]] * 3, [[2]] * 3, [True] * 3, **context_columns(rows))
+    assert table.schema.field(CONTEXT_COLUMN).type == column.type
+    assert context_columns([[], []]) == {}  # forms raw and centered: no column

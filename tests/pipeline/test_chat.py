@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from pipeline.chat import encode_prompt, encode_response, encode_row, fit_to_window, with_system_prompt
@@ -46,3 +48,27 @@ def test_encode_row_marks_a_response_cut_to_the_window_unfinished(real_model_dir
     prompt, response, finished, dropped, cut = encode_row(tokenizer, messages, "Hello.", 200, system_prompt="Be brief.")
     assert finished and (dropped, cut) == (0, 0) and response == encode_response(tokenizer, "Hello.")
     assert prompt == encode_prompt(tokenizer, messages, "Be brief.")
+
+
+def test_context_prompts_of_each_form(real_model_dir):
+    from pipeline.chat import context_prompts, encode_contexts
+    from pipeline.endogenous import EndoRewardConfig
+
+    tokenizer = load_tokenizer(real_model_dir)
+    messages = [{"role": "user", "content": "Hi?"}]
+    assert context_prompts(tokenizer, messages, EndoRewardConfig()) == []
+    assert context_prompts(tokenizer, messages, EndoRewardConfig(form="centered")) == []
+    (x0,) = context_prompts(tokenizer, messages, EndoRewardConfig(form="pmi", system_prompt="Be brief."))
+    assert x0 == encode_prompt(tokenizer, [{"role": "user", "content": ""}], "Be brief.")  # same template, no question
+    assert context_prompts(tokenizer, None, EndoRewardConfig(form="pmi", system_prompt="Be brief.")) == [x0]
+    cfg = EndoRewardConfig(form="contrastive", principle="Be good.", anti_principle="Be bad.", system_prompt="Be brief.")
+    assert context_prompts(tokenizer, messages, cfg) == [encode_prompt(tokenizer, messages, "Be good."),
+                                                         encode_prompt(tokenizer, messages, "Be bad.")]
+    with pytest.raises(ValueError, match="reward.form contrastive .* Fix: send chat messages"):
+        context_prompts(tokenizer, None, cfg)
+    # fitted in front of the response like the prompt: the oldest tokens go first, the response stays whole
+    cfg = EndoRewardConfig(form="pmi", system_prompt="Be brief.")
+    (fitted,) = encode_contexts(tokenizer, messages, [1, 2, 3], len(x0) + 1, cfg)
+    assert fitted == x0[-(len(x0) + 1 - 3):]
+    with pytest.raises(ValueError, match=r"row 4 \(pmi context\)"):
+        encode_contexts(tokenizer, messages, [1, 2, 3], len(x0), dataclasses.replace(cfg, truncation="error"), "row 4")

@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.data import builtin_prompts
 from pipeline.driver import progress_postfix, prompt_batch, rl_loop, tokenize_prompts
+from pipeline.endogenous import EndoRewardConfig
 from pipeline.models import load_tokenizer
 
 
@@ -119,8 +120,26 @@ def test_too_long_prompt_is_refused_by_name(real_model_dir):
     prompts = pa.table({"prompt_id": ["short", "long"],
                         "prompt": [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "word " * 400}]]})
     with pytest.raises(ValueError, match="prompt 'long' is .* tokens, over rollout.max_prompt_tokens=64"):
-        tokenize_prompts(prompts, tokenizer, "", 64)
-    assert tokenize_prompts(prompts.slice(0, 1), tokenizer, "", 64).num_rows == 1
+        tokenize_prompts(prompts, tokenizer, EndoRewardConfig(), 64)
+    assert tokenize_prompts(prompts.slice(0, 1), tokenizer, EndoRewardConfig(), 64).num_rows == 1
+    long_principle = EndoRewardConfig(form="contrastive", principle="word " * 100)
+    with pytest.raises(ValueError, match="prompt 'short' is .* tokens under reward.form contrastive, over rollout.max_prompt_tokens"):
+        tokenize_prompts(prompts.slice(0, 1), tokenizer, long_principle, 64)
+
+
+@pytest.mark.parametrize("form, count", [("raw", 0), ("pmi", 1), ("contrastive", 2)])
+def test_prompts_carry_the_extra_contexts_of_the_reward_form(real_model_dir, form, count):
+    from pipeline.arrow import CONTEXT_COLUMN, arrow_to_contexts
+    from pipeline.chat import context_prompts
+
+    tokenizer, cfg = load_tokenizer(real_model_dir), EndoRewardConfig(form=form, system_prompt="Be brief.")
+    messages = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "Name a fruit."}]]
+    table = tokenize_prompts(pa.table({"prompt_id": ["a", "b"], "prompt": messages}), tokenizer, cfg, 128)
+    if not count:
+        assert CONTEXT_COLUMN not in table.column_names
+        return
+    got = arrow_to_contexts(table[CONTEXT_COLUMN])
+    assert [[c.tolist() for c in row] for row in got] == [context_prompts(tokenizer, m, cfg) for m in messages]
 
 
 def test_a_sync_that_did_not_arrive_stops_the_run():

@@ -167,3 +167,122 @@ def test_form_reaches_the_rl_scorer_and_the_reward_api(tiny_model_dir, tiny):
     assert request_reward_config(EndoRewardConfig(), {"form": "centered"}, None).form == "centered"
     with pytest.raises(RequestError, match="reward.form"):
         request_reward_config(EndoRewardConfig(), {"form": "median"}, None)
+
+
+def log_pi(model, prompt, response, alpha):
+    """log pi(a_h | prompt, y_<h), pi = softmax(f / alpha), h = 1..H: one plain forward pass, float64."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].double()
+    P, H = len(prompt), len(response)
+    logpi = torch.log_softmax(logits[P - 1:P + H - 1] / alpha, dim=1)
+    return logpi.gather(1, torch.tensor(response)[:, None]).squeeze(1)
+
+
+def with_contexts(tokenizer, cfg):
+    """encoded() plus a row sharing the first prompt, the rows' messages and their extra contexts for cfg.form."""
+    from pipeline.chat import context_prompts
+
+    messages = [[{"role": "user", "content": p}] for p in PROMPTS + PROMPTS[:1]]
+    prompts, responses = encoded(tokenizer)
+    prompts.append(prompts[0])
+    responses.append(responses[1])
+    return prompts, responses, [context_prompts(tokenizer, m, cfg) for m in messages]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_pmi_form_matches_float64_reference_per_token(tiny, alpha):
+    model, tokenizer = tiny  # float32
+    cfg = EndoRewardConfig(alpha=alpha, form="pmi", pack_tokens=64, logit_chunk=5)
+    prompts, responses, contexts = with_contexts(tokenizer, cfg)
+    x0 = contexts[0][0]
+    assert all(c == [x0] for c in contexts) and x0 != prompts[0]  # one weaker context x0, the same for every row
+    scores = score_endogenous(model, prompts, responses, [True, True, False, True], cfg, contexts)
+    raw = score_endogenous(model, prompts, responses, [True] * 4, EndoRewardConfig(alpha=alpha))
+    for i in range(4):
+        p = alpha * (log_pi(model, prompts[i], responses[i], alpha) - log_pi(model, x0, responses[i], alpha))
+        assert np.abs(scores.token_rewards[i] - p.numpy()).max() < 1e-4  # alpha*(log pi(a|x,y<h) - log pi(a|x0,y<h))
+        assert abs(scores.rewards[i] - p.sum().item()) < 1e-3
+        np.testing.assert_allclose(scores.ref_logprobs[i], raw.ref_logprobs[i], atol=1e-6)  # KL term: x itself
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.7])
+def test_contrastive_form_matches_float64_reference_per_token(tiny, alpha):
+    model, tokenizer = tiny
+    cfg = EndoRewardConfig(alpha=alpha, form="contrastive", pack_tokens=64, logit_chunk=5, normalize="mean")
+    prompts, responses, contexts = with_contexts(tokenizer, cfg)
+    scores = score_endogenous(model, prompts, responses, [True] * 4, cfg, contexts)
+    raw = score_endogenous(model, prompts, responses, [True] * 4, EndoRewardConfig(alpha=alpha))
+    for i in range(4):
+        principle, anti = contexts[i]
+        assert principle == encode_prompt(tokenizer, [{"role": "user", "content": (PROMPTS + PROMPTS[:1])[i]}], cfg.principle)
+        k = alpha * (log_pi(model, principle, responses[i], alpha) - log_pi(model, anti, responses[i], alpha))
+        assert np.abs(scores.token_rewards[i] - k.numpy()).max() < 1e-4
+        assert abs(scores.rewards[i] - k.mean().item()) < 1e-4  # normalize mean: / H
+        np.testing.assert_allclose(scores.ref_logprobs[i], raw.ref_logprobs[i], atol=1e-6)
+
+
+@pytest.mark.parametrize("form, extra", [("pmi", 1), ("contrastive", 2)])
+def test_context_rows_are_packed_into_the_same_forward_pass(tiny, monkeypatch, form, extra):
+    """The extra contexts are more rows of the same packed pass: one forward call holding every row once per
+    context, identical prompts (x0; a shared prompt's contexts) once."""
+    model, tokenizer = tiny
+    cfg = EndoRewardConfig(form=form, pack_tokens=4096)
+    prompts, responses, contexts = with_contexts(tokenizer, cfg)
+    calls, forward = [], model.base_model.forward
+    monkeypatch.setattr(model.base_model, "forward", lambda input_ids, **kw: calls.append(input_ids.shape[1]) or forward(input_ids, **kw))
+    score_endogenous(model, prompts, responses, [True] * 4, cfg, contexts)
+    distinct = {tuple(p) for p in prompts} | {tuple(c) for row in contexts for c in row}
+    assert calls == [sum(map(len, distinct)) + (1 + extra) * sum(map(len, responses))]
+    assert len(distinct) == 3 + (1 if form == "pmi" else 6)
+
+
+def test_a_group_over_the_pack_budget_is_split_into_packs_that_fit(tiny):
+    """pmi's x0 is every row's prompt: its group is cut into parts that fit the budget, the rewards unchanged."""
+    from pipeline.endogenous import prompt_shared_packs
+
+    packs = list(prompt_shared_packs([[1, 2]] * 5, [[3] * 4] * 5, budget=10))
+    assert [groups for groups, _ in packs] == [[[0, 1]], [[2, 3]], [[4]]]
+    # a long prompt (over a quarter of the budget) is computed once: its group goes alone, whole
+    assert [groups for groups, _ in prompt_shared_packs([[1, 2, 3]] * 3, [[3] * 4] * 3, budget=10)] == [[[0, 1, 2]]]
+    model, tokenizer = tiny
+    cfg = EndoRewardConfig(form="pmi")
+    prompts, responses, _ = with_contexts(tokenizer, cfg)
+    contexts = [[prompts[0][-3:]]] * 4  # a 3-token x0: split at a 20-token budget
+    big = score_endogenous(model, prompts, responses, [True] * 4, cfg, contexts)
+    small = score_endogenous(model, prompts, responses, [True] * 4, dataclasses.replace(cfg, pack_tokens=20), contexts)
+    for a, b in zip(big.token_rewards, small.token_rewards):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_context_forms_without_contexts_and_bad_forms_are_clear_errors(tiny):
+    model, tokenizer = tiny
+    prompts, responses = encoded(tokenizer)
+    with pytest.raises(ValueError, match="reward.form pmi .* Fix: give each row `context_prompt_ids`"):
+        score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(form="pmi"))
+    with pytest.raises(ValueError, match="reward.form contrastive"):
+        score_endogenous(model, prompts, responses, [True] * 3, EndoRewardConfig(form="contrastive"), [[p] for p in prompts])
+    with pytest.raises(ValueError, match=r"reward.form 'median' is not one of .*Fix: --reward.form"):
+        EndoRewardConfig(form="median")
+    for field in ("principle", "anti_principle"):
+        with pytest.raises(ValueError, match=rf"reward.{field} is empty.*Fix: --reward.{field}"):
+            EndoRewardConfig(form="contrastive", **{field: " "})
+    with pytest.raises(ValueError, match="reward.principle and reward.anti_principle are the same"):
+        EndoRewardConfig(form="contrastive", principle="Be kind.", anti_principle="Be kind.")
+    assert EndoRewardConfig(principle="").form == "raw"  # the principles only matter to form contrastive
+
+
+def test_context_forms_reach_the_scorer_through_the_request_column(tiny_model_dir, tiny):
+    """jobs.score, jobs.eval_rewards, the reward server and RL send the extra contexts in CONTEXT_COLUMN."""
+    from actors.base_model import EndogenousScorer
+    from pipeline.arrow import context_columns, request_table
+    from pipeline.models import ModelConfig
+
+    model, tokenizer = tiny
+    for cfg in (EndoRewardConfig(form="pmi"), EndoRewardConfig(form="contrastive")):
+        prompts, responses, contexts = with_contexts(tokenizer, cfg)
+        scorer = EndogenousScorer(ModelConfig(name=tiny_model_dir, dtype="float32"), cfg)
+        batch = scorer(request_table(prompts, responses, [True] * 4, **context_columns(contexts)).slice(1, 3))
+        direct = score_endogenous(model, prompts[1:], responses[1:], [True] * 3, cfg, contexts[1:])
+        np.testing.assert_allclose(batch["reward"].to_numpy(), direct.rewards, atol=1e-4)
+        with pytest.raises(ValueError, match=f"reward.form {cfg.form}"):
+            scorer(request_table(prompts, responses, [True] * 4))  # no contexts: refused, never scored as raw

@@ -64,6 +64,9 @@ def test_bodies_over_the_limit_not_utf8_or_malformed_are_refused():
     ({"items": [{"prompt": "p", "response": "r"}], "reward": {"alpha": 0}}, 422, "reward.alpha"),
     ({"items": [{"prompt": "p", "response": "r"}], "reward": {"alpah": 2}}, 422, "reward.alpah"),
     ({"items": [{"prompt": "p", "response": "r"}], "reward": {"pack_tokens": 8}}, 422, "reward.pack_tokens"),
+    ({"items": [{"prompt": "p", "response": "r"}], "reward": {"form": "pmx"}}, 422, "reward.form"),
+    ({"items": [{"prompt": "p", "response": "r"}], "reward": {"form": "contrastive", "principle": ""}}, 422,
+     "reward.principle"),
     ({"items": [{"prompt": "p", "response": "r"}], "reward": "mean"}, 422, "reward"),
     ({"items": [{"prompt": "p", "response": "r"}], "system_prompt": "a", "reward": {"system_prompt": "b"}}, 422,
      "system_prompt"),
@@ -87,6 +90,30 @@ def test_items_are_encoded_as_jobs_score_encodes_rows(tokenizer):
         assert (job.prompt_tokens_dropped[i], job.response_tokens_dropped[i]) == (0, 0)
     assert job.tokens == sum(len(p) + len(r) for p, r in zip(job.prompt_ids, job.response_ids))
     assert encode(tokenizer, {"items": [{"prompt": "p", "response": "r"}]}).reward is not job.reward
+
+
+def test_context_forms_carry_each_items_extra_contexts(tokenizer):
+    from pipeline.chat import encode_contexts
+
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    body = {"items": [{"prompt": messages, "response": "An apple."}, {"prompt": "What is 2+2?", "response": "4."}],
+            "reward": {"form": "contrastive", "principle": "Be good.", "anti_principle": "Be bad."}}
+    job = encode(tokenizer, body)
+    assert job.reward.form == "contrastive" and job.reward.principle == "Be good."
+    for i, m in enumerate([messages, [{"role": "user", "content": "What is 2+2?"}]]):
+        assert job.context_prompt_ids[i] == encode_contexts(tokenizer, m, job.response_ids[i], WINDOW, job.reward)
+        assert len(job.context_prompt_ids[i]) == 2
+    assert job.tokens == sum(len(p) + 3 * len(r) + len(c[0]) + len(c[1]) for p, r, c in
+                             zip(job.prompt_ids, job.response_ids, job.context_prompt_ids))  # the contexts cost tokens too
+    assert encode(tokenizer, {"items": body["items"]}).context_prompt_ids == [[], []]  # raw: none
+    # OpenRLHF's protocol gives template text: pmi's x0 is the server's own template, contrastive cannot be served
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    data = {"query": [prompt + "An apple."], "prompts": [prompt]}
+    job = encode_openrlhf_request(data, tokenizer, WINDOW, EndoRewardConfig(form="pmi"), LIMITS)
+    assert job.context_prompt_ids == [encode_contexts(tokenizer, None, job.response_ids[0], WINDOW, EndoRewardConfig(form="pmi"))]
+    message = refused(422, "reward.form", encode_openrlhf_request, data, tokenizer, WINDOW,
+                      EndoRewardConfig(form="contrastive"), LIMITS)
+    assert "Fix: send chat messages" in message
 
 
 def test_over_window_items_follow_the_truncation_policy(tokenizer):

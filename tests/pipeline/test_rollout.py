@@ -124,3 +124,16 @@ def test_logprob_parity():
     assert logprob_parity([np.array([np.nan])], [np.array([0.0])]) == float("inf")  # NaN never passes `< tol`
     with pytest.raises(ValueError):
         logprob_parity(a, b[:2])
+
+
+def test_outputs_to_rollout_table_copies_each_prompts_extra_contexts_onto_its_samples():
+    from pipeline.arrow import CONTEXT_COLUMN, arrow_to_contexts
+
+    outputs = [fake_request(fake_sample(0, [5, EOS], [-0.1, -0.2], "stop"), fake_sample(1, [7], [-0.5], "length")),
+               fake_request(fake_sample(0, [9], [-1.0], "length"))]
+    contexts = [[[1], [2, 3]], [[4], [5]]]  # contrastive: (principle, anti) per prompt
+    table = outputs_to_rollout_table([[1, 2, 3], [4]], ["p0", "p1"], outputs, EOS, contexts)
+    got = [[c.tolist() for c in row] for row in arrow_to_contexts(table[CONTEXT_COLUMN])]
+    assert got == [contexts[0], contexts[0], contexts[1]]
+    assert table.select(ROLLOUT_SCHEMA.names).schema == ROLLOUT_SCHEMA
+    assert outputs_to_rollout_table([[1, 2, 3], [4]], ["p0", "p1"], outputs, EOS).schema == ROLLOUT_SCHEMA  # raw: none
