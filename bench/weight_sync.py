@@ -97,7 +97,7 @@ def measure(model: str, args) -> dict[str, dict]:
         pids = [ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
                 for actor in (workers.learner.actors[0], workers.engines[0])]
         out = {}
-        for mode in ("broadcast", "object_store"):  # the new path first: the old one may not survive a large model
+        for mode in args.modes.split(","):  # the new path first: the old one may not survive a large model
             cfg.sync.mode = mode
             runs = []
             for _ in range(args.repeats + 1):  # the first warms up
@@ -120,8 +120,9 @@ def measure(model: str, args) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--bucket_mb", type=float, default=256)
+    ap.add_argument("--bucket_mb", type=float, default=512)
     ap.add_argument("--models", default="bundled,large")
+    ap.add_argument("--modes", default="broadcast,object_store")
     args = ap.parse_args()
     print(machine_line(), f"bucket {args.bucket_mb:g} MiB", flush=True)
     from actors.cluster import init_ray

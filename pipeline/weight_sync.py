@@ -31,7 +31,7 @@ class SyncConfig:
     mode: Literal["broadcast", "object_store"] = opt(
         "broadcast", "broadcast: stream buckets over a torch.distributed group (gloo/NCCL) from learner rank 0 to the "
                      "engines; object_store: rank 0's full state dict through Ray's object store (the fallback)")
-    bucket_mb: float = opt(256, "bucket size of the broadcast, MiB: the extra memory a sync needs on each side")
+    bucket_mb: float = opt(512, "bucket size of the broadcast, MiB: the extra memory a sync needs on each side")
 
     def __post_init__(self):
         if not self.bucket_mb > 0:
