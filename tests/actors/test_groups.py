@@ -108,3 +108,44 @@ def test_wait_times_out_naming_the_phase(local_ray):
     with pytest.raises(TimeoutError, match=r"rollout \(2 engine calls\): 1 of 2 calls not done after 0.5 s"):
         wait([fast, slow], "rollout (2 engine calls)", 0.5)
     ray.cancel(slow, force=True)
+
+
+# ------------------------------------------------------------------ failures (--faults.kill, pipeline/faults.py)
+
+FAULT_RUN = ("--steps", "3", "--learner.dtype", "float32", "--eval_every", "0", "--checkpoint_every", "0",
+             "--export", "false")  # float32 engine, scorer and learners: a redone step must come out exactly alike
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, local_ray, tmp_path_factory):
+    """The metrics of a 3-step run without a fault, shared by the fault tests of this module."""
+    output = tmp_path_factory.mktemp("uninterrupted")
+    rlhf.main(tiny_args(tiny_model_dir, output, *FAULT_RUN))
+    assert (output / "failures.jsonl").read_text() == ""
+    return read_metrics(output / "metrics.jsonl")
+
+
+def test_a_dead_engine_and_a_dead_scorer_are_replaced_and_the_run_comes_out_the_same(tmp_path, tiny_model_dir,
+                                                                                   uninterrupted):
+    """Engine 0 crashes in step 1's rollout and scorer 0 in step 2's scoring: the engine is replaced (current
+    weights, parity-checked) and regenerates its prompts with the same seeds, Ray restarts the scorer and retries
+    its batch; every step's metrics equal the uninterrupted run's, and failures.jsonl records both."""
+    rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--faults.kill", "rollout_engines:0@1,scorers:0@2"))
+    got = read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in got] == [m["step"] for m in uninterrupted] == [1, 2, 3]
+    for expected, row in zip(uninterrupted, got):
+        for key, value in expected.items():
+            if not key.startswith(TIME_KEYS):
+                assert row[key] == value, (row["step"], key)
+    failures = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert [(f["actor"], f["step"], f["phase"], f["cause"], f["rows_redone"]) for f in failures] == [
+        ("rollout_engines_0", 1, "rollout", "died", 4), ("scorers_0", 2, "score", "died", 4)]
+    assert all(f["recover_s"] > 0 for f in failures)
+    assert [m.get("faults/count") for m in got] == [None, 1.0, 1.0]  # the row of step s is logged as s + 1
+
+
+def test_a_dead_engine_without_replacement_stops_the_run_naming_the_option(tmp_path, tiny_model_dir, local_ray):
+    """With --faults.replace_engines false an engine crash is not recovered: the error names the option."""
+    with pytest.raises(RuntimeError, match=r"engine\(s\) \{0: 'died'\} and --faults.replace_engines is false"):
+        rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--steps", "1", "--faults.kill", "rollout_engines:0@0",
+                            "--faults.replace_engines", "false"))
