@@ -149,3 +149,35 @@ def test_a_dead_engine_without_replacement_stops_the_run_naming_the_option(tmp_p
     with pytest.raises(RuntimeError, match=r"engine\(s\) \{0: 'died'\} and --faults.replace_engines is false"):
         rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--steps", "1", "--faults.kill", "rollout_engines:0@0",
                             "--faults.replace_engines", "false"))
+
+
+def test_an_engine_call_is_lost_when_its_engine_died_or_gave_no_answer_in_time(local_ray):
+    """lost_engines, on stand-in actors: a finished call is kept, a dead engine's is 'died', a wedged engine's is
+    'no answer within --faults.engine_timeout_s'; with --faults.replace_engines false the error names the option."""
+    import time
+    from types import SimpleNamespace
+
+    from actors.groups import RLWorkers, crash, get
+    from pipeline.faults import FaultsConfig
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def generate(self, seconds):
+            time.sleep(seconds)
+            return seconds
+
+    workers = RLWorkers.__new__(RLWorkers)  # only what lost_engines reads: the config and the engines
+    workers.cfg = SimpleNamespace(wait_timeout_s=60, faults=FaultsConfig(engine_timeout_s=2))
+    workers.engines = [Engine.remote() for _ in range(3)]
+    try:
+        get([engine.__ray_ready__.remote() for engine in workers.engines], "stand-in engines", 120)
+        crash(workers.engines[1])
+        calls = {i: engine.generate.remote(seconds) for i, (engine, seconds) in enumerate(zip(workers.engines, (0, 0, 600)))}
+        assert workers.lost_engines(calls, step=1) == {1: "died", 2: "no answer within 2 s"}
+        workers.cfg.faults = FaultsConfig(engine_timeout_s=2, replace_engines=False)
+        with pytest.raises(RuntimeError, match=r"rollout at step 1: engine\(s\) \{1: 'died', 2: 'no answer within 2 s'\} "
+                                               r"and --faults.replace_engines is false"):
+            workers.lost_engines(calls, step=1)
+    finally:
+        for engine in workers.engines:
+            ray.kill(engine)
