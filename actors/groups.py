@@ -67,8 +67,9 @@ def get(refs, what: str, timeout_s: float):
 
 
 def crash(actor) -> None:
-    """--faults.kill: the actor's process exits at once, as a crash would (queued calls behind it see it die)."""
-    actor.__ray_call__.remote(lambda _self: os._exit(1))
+    """--faults.kill: the actor's process exits at once, as a crash would (queued calls behind it see it die). Never
+    retried: on a scorer (max_task_retries) a retry would crash its restarted process too."""
+    actor.__ray_call__.options(max_task_retries=0).remote(lambda _self: os._exit(1))
 
 
 def pid_of(actor) -> ray.ObjectRef:

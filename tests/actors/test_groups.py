@@ -181,3 +181,34 @@ def test_an_engine_call_is_lost_when_its_engine_died_or_gave_no_answer_in_time(l
     finally:
         for engine in workers.engines:
             ray.kill(engine)
+
+
+def test_a_restarted_scorer_is_logged_and_one_without_restarts_left_stops_the_run(local_ray):
+    """note_restarts, on stand-in scorers: a scorer Ray restarted (a new pid) is a Failure with the rows sent to it;
+    a dead scorer with no restart left is an error naming --faults.scorer_restarts."""
+    from types import SimpleNamespace
+
+    from actors.groups import RLWorkers, crash, get, pid_of
+    from pipeline.faults import FaultsConfig
+
+    @ray.remote(num_cpus=0)
+    class Scorer:
+        pass
+
+    workers = RLWorkers.__new__(RLWorkers)  # only what note_restarts reads
+    workers.cfg = SimpleNamespace(wait_timeout_s=60, faults=FaultsConfig(scorer_restarts=1))
+    workers.scorers, workers.sentence_rm, workers.failures = [Scorer.options(max_restarts=1, max_task_retries=1).remote(),
+                                                                 Scorer.remote()], None, []
+    workers.step, workers.shard_rows = 1, [4, 2, 6]  # three rollout shards: scorer 0 got the first and the third
+    try:
+        workers.scorer_pids = get([pid_of(s) for s in workers.scorers], "stand-in scorers", 120)
+        crash(workers.scorers[0])
+        workers.note_restarts(started=0.0)  # its pid call waits for the restart
+        (failure,) = workers.take_failures()
+        assert (failure.actor, failure.step, failure.phase, failure.rows_redone) == ("scorers_0", 1, "score", 10)
+        crash(workers.scorers[1])  # max_restarts 0
+        with pytest.raises(RuntimeError, match="a scorer died at step 1 .* --faults.scorer_restarts 1 restarts"):
+            workers.note_restarts(started=0.0)
+    finally:
+        for scorer in workers.scorers:
+            ray.kill(scorer)
