@@ -203,8 +203,7 @@ class RLWorkers:
         self.engines[i] = start_engine(cfg.model.name, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray,
                                        self.engine_group, i, cfg.model.cache_dir)
         wait([self.engines[i].__ray_ready__.remote()], f"starting replacement rollout engine {i}", cfg.wait_timeout_s)
-        state_ref = self.learner.state_dict_ref(sync_dtype(self.precision["rollout_engines"]))
-        get(self.engines[i].load_weights.remote(state_ref), f"sync of replacement engine {i}", cfg.wait_timeout_s)
+        self.sync_weights()  # re-run as it is: the other engines get the weights they hold (queued behind their calls)
         probe = prompt_probe(ragged_to_numpy(prompts["prompt_ids"])) if self.last_batch is None else None
         check_parity(self.check_sync(engine=i, probe=probe), sync_check_tolerance(cfg, self.precision),
                      f"replacement engine {i}")
