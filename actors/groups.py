@@ -178,8 +178,8 @@ class RLWorkers:
                                    f"Fix: raise it, or look at the engines' logs in STORAGE/logs/")
             for i, cause in failed.items():
                 lost.setdefault(i, (cause, time.perf_counter()))
-                self.replace_engine(i, prompts.take(shards[i]))
-                calls[i] = call(i)  # the same prompts and seeds
+            self.replace_engines(list(failed), prompts)
+            calls.update({i: call(i) for i in failed})  # the same prompts and seeds
         for i, (cause, noticed) in lost.items():
             self.failures.append(Failure(f"rollout_engines_{i}", step, "rollout", cause, time.perf_counter() - noticed,
                                          len(shards[i]) * n_samples, self.engines[i]._actor_id.hex()))
@@ -196,17 +196,21 @@ class RLWorkers:
                                f"Fix: --faults.replace_engines true, or look at the engine's log in STORAGE/logs/")
         return lost
 
-    def replace_engine(self, i: int, prompts: pa.Table) -> None:
-        """A new engine in engine i's bundle, with the learners' current weights, checked by log-prob parity."""
-        ray.kill(self.engines[i])  # a wedged one frees its bundle; a dead one: nothing to do
+    def replace_engines(self, indexes: list[int], prompts: pa.Table) -> None:
+        """New engines in the bundles of `indexes`, started together; then the weight sync, re-run for every engine
+        (the others get the weights they hold), and each new one's log-prob parity with the learners."""
         cfg = self.cfg
-        self.engines[i] = start_engine(cfg.model.name, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray,
-                                       self.engine_group, i, cfg.model.cache_dir)
-        wait([self.engines[i].__ray_ready__.remote()], f"starting replacement rollout engine {i}", cfg.wait_timeout_s)
-        self.sync_weights()  # re-run as it is: the other engines get the weights they hold (queued behind their calls)
+        for i in indexes:
+            ray.kill(self.engines[i])  # a wedged one frees its bundle; a dead one: nothing to do
+            self.engines[i] = start_engine(cfg.model.name, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray,
+                                           self.engine_group, i, cfg.model.cache_dir)
+        wait([self.engines[i].__ray_ready__.remote() for i in indexes], f"starting replacement rollout engines {indexes}",
+             cfg.wait_timeout_s)
+        self.sync_weights()
         probe = prompt_probe(ragged_to_numpy(prompts["prompt_ids"])) if self.last_batch is None else None
-        check_parity(self.check_sync(engine=i, probe=probe), sync_check_tolerance(cfg, self.precision),
-                     f"replacement engine {i}")
+        for i in indexes:
+            check_parity(self.check_sync(engine=i, probe=probe), sync_check_tolerance(cfg, self.precision),
+                         f"replacement engine {i}")
 
     def score(self, rollout_refs: list) -> ray.ObjectRef:
         """Endogenous rewards + reference log-probs (one forward pass) per shard, then the sentence RM's dense
