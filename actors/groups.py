@@ -93,6 +93,7 @@ class RLWorkers:
         """Every actor resolves cfg.model.name on its own node; nothing of the driver's disk is handed out."""
         self.cfg, self.groups, self.engines, self.scorers, self.sentence_rm = cfg, [], [], [], None
         self.failures, self.step, self.shard_rows = [], None, []  # Failure records; the step and rows in flight
+        self.replaced = []  # where each replacement engine runs (node_of records), for its log in STORAGE/logs/
         self.remote_reward = None
         self.learner = self.critic = self.batch_ops = None
         device, model = cfg.model.device, cfg.model.name
@@ -206,6 +207,7 @@ class RLWorkers:
                                            self.engine_group, i, cfg.model.cache_dir)
         wait([self.engines[i].__ray_ready__.remote() for i in indexes], f"starting replacement rollout engines {indexes}",
              cfg.wait_timeout_s)
+        self.replaced += get([node_of(self.engines[i]) for i in indexes], "nodes", cfg.wait_timeout_s)
         self.sync_weights()
         probe = prompt_probe(ragged_to_numpy(prompts["prompt_ids"])) if self.last_batch is None else None
         for i in indexes:

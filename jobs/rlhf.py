@@ -218,7 +218,8 @@ def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
         finally:
             log.close()
     finally:
-        save_actor_logs(nodes, Storage(cfg.storage))  # each actor's stdout/stderr, also when the run failed
+        replaced = {"replacement_engines": workers.replaced} if workers.replaced else {}  # engines that took a dead one's place
+        save_actor_logs({**nodes, **replaced}, Storage(cfg.storage))  # each actor's stdout/stderr, also when the run failed
         workers.shutdown()
     history = log.history()
     plot_curves(history, log.storage)

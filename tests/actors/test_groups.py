@@ -141,6 +141,7 @@ def test_a_dead_engine_and_a_dead_scorer_are_replaced_and_the_run_comes_out_the_
     assert [(f["actor"], f["step"], f["phase"], f["cause"], f["rows_redone"]) for f in failures] == [
         ("rollout_engines_0", 1, "rollout", "died", 4), ("scorers_0", 2, "score", "died", 4)]
     assert all(f["recover_s"] > 0 for f in failures)
+    assert ":actor_name:RolloutEngine" in (tmp_path / "logs" / "replacement_engines_0.log").read_text()  # its output kept
     assert [m.get("faults/count") for m in got] == [None, 1.0, 1.0]  # the row of step s is logged as s + 1
 
 
