@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -20,12 +22,14 @@ from actors.base_model import BaseModelActor
 from actors.learner import LearnerGroup
 from actors.placement import bundle, gpus_for, in_bundle, node_of, reserve
 from actors.remote_reward import RemoteRewardActor
-from actors.rollout import start_rollout_engines
+from actors.rollout import start_engine, start_rollout_engines
 from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import parquet_bytes, ragged_to_numpy
+from pipeline.driver import check_parity, sync_check_tolerance
 from pipeline.experience import build_experience
+from pipeline.faults import Failure
 from pipeline.precision import sync_dtype
-from pipeline.rollout import logprob_parity
+from pipeline.rollout import logprob_parity, prompt_probe
 from pipeline.runlog import MARKER
 from pipeline.seeds import HELDOUT, prompt_seeds
 from pipeline.storage import Storage
@@ -62,12 +66,34 @@ def get(refs, what: str, timeout_s: float):
     return ray.get(refs)
 
 
+def crash(actor) -> None:
+    """--faults.kill: the actor's process exits at once, as a crash would (queued calls behind it see it die). Never
+    retried: on a scorer (max_task_retries) a retry would crash its restarted process too."""
+    actor.__ray_call__.options(max_task_retries=0).remote(lambda _self: os._exit(1))
+
+
+def pid_of(actor) -> ray.ObjectRef:
+    """The actor's process id: a new one means Ray restarted it."""
+    return actor.__ray_call__.remote(lambda _self: os.getpid())
+
+
+def alive(actor, timeout_s: float) -> bool:
+    """Whether an idle actor answers; a dead one raises RayActorError at once."""
+    try:
+        get(actor.__ray_ready__.remote(), "ping", timeout_s)
+        return True
+    except ray.exceptions.RayActorError:
+        return False
+
+
 class RLWorkers:
     """vLLM engines, frozen base-model scorers, policy learners and (for GAE) critic learners."""
 
     def __init__(self, cfg):
         """Every actor resolves cfg.model.name on its own node; nothing of the driver's disk is handed out."""
         self.cfg, self.groups, self.engines, self.scorers, self.sentence_rm = cfg, [], [], [], None
+        self.failures, self.step, self.shard_rows = [], None, []  # Failure records; the step and rows in flight
+        self.replaced = []  # where each replacement engine runs (node_of records), for its log in STORAGE/logs/
         self.remote_reward = None
         self.learner = self.critic = self.batch_ops = None
         device, model = cfg.model.device, cfg.model.name
@@ -75,6 +101,7 @@ class RLWorkers:
             self.engines, engine_group = start_rollout_engines(model, cfg.rollout_dtype, device, cfg.rollout, cfg.ray,
                                                                cfg.placement, cfg.model.cache_dir)
             self.groups.append(engine_group)
+            self.engine_group = engine_group  # a replacement engine takes the dead one's bundle
             scorer = bundle(cfg.scorer_cpus, gpus_for(device, cfg.scorer_gpus), cfg.scorer_resources)
             roles = [("scorers", scorer, cfg.scorers)]
             if cfg.advantage.sentence_rm_weight:
@@ -84,8 +111,10 @@ class RLWorkers:
                 group = reserve(role, [request] * count, "SPREAD", cfg.placement)
                 self.groups.append(group)
                 custom = {k: v for k, v in request.items() if k not in ("CPU", "GPU")}
+                # frozen models: Ray restarts a dead one and retries its batch on the new process
                 options = [dict(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0), resources=custom,
-                                scheduling_strategy=in_bundle(group, i)) for i in range(count)]
+                                scheduling_strategy=in_bundle(group, i), max_restarts=cfg.faults.scorer_restarts,
+                                max_task_retries=cfg.faults.scorer_restarts) for i in range(count)]
                 if role == "scorers":
                     self.scorers = [BaseModelActor.options(**o).remote(cfg.model, cfg.reward) for o in options]
                     if getattr(cfg.reward, "remote_url", ""):  # next to the first scorer; it asks for no CPU
@@ -99,10 +128,14 @@ class RLWorkers:
             self.batch_ops = BatchOps.options(scheduling_strategy=in_bundle(self.learner.placement, 0)).remote()
             actors = self.scorers + self.engines + [a for a in (self.sentence_rm, self.batch_ops, self.remote_reward) if a]
             wait([actor.__ray_ready__.remote() for actor in actors], "starting actors", cfg.wait_timeout_s)
+            self.scorer_pids = get([pid_of(a) for a in self.scoring_actors()], "scorer pids", cfg.wait_timeout_s)
         except Exception:
             self.shutdown()
             raise
         self.last_batch, self.sync_members, self.sync_plan = None, [], None
+
+    def scoring_actors(self) -> list:
+        return self.scorers + ([self.sentence_rm] if self.sentence_rm else [])
 
     def nodes(self) -> dict[str, list[dict]]:
         """Where every actor runs (role -> one {node_id, ip, host} per actor), for the run log."""
@@ -125,22 +158,99 @@ class RLWorkers:
 
     def generate(self, prompts: pa.Table, step: int | str, n_samples: int) -> list:
         """Prompts split across engines in contiguous shards (a prompt's samples stay together). Every sample has
-        its own seed, hashed from (run seed, step, prompt id, sample index): the rollout does not depend on the split."""
+        its own seed, hashed from (run seed, step, prompt id, sample index): the rollout does not depend on the split,
+        so a dead engine's shard, generated again on its replacement, comes out as it would have."""
         seeds = prompt_seeds(self.cfg.seed, step, prompts["prompt_id"].to_pylist(), n_samples)
-        shards = np.array_split(np.arange(prompts.num_rows), len(self.engines))
-        refs = [engine.generate.remote(prompts.take(idx), n_samples=n_samples, seeds=[seeds[i] for i in idx])
-                for engine, idx in zip(self.engines, shards) if len(idx)]
-        return wait(refs, f"rollout ({len(refs)} engine calls)", self.cfg.wait_timeout_s)
+        shards = {i: idx for i, idx in enumerate(np.array_split(np.arange(prompts.num_rows), len(self.engines))) if len(idx)}
+
+        def call(i):
+            return self.engines[i].generate.remote(prompts.take(shards[i]), n_samples=n_samples,
+                                                   seeds=[seeds[j] for j in shards[i]])
+
+        self.step, self.shard_rows = step, [len(idx) * n_samples for idx in shards.values()]
+        for i in self.cfg.faults.due("rollout_engines", step, "rollout"):
+            crash(self.engines[i])
+        calls, lost, replacements = {i: call(i) for i in shards}, {}, 0
+        while failed := self.lost_engines(calls, step):
+            replacements += len(failed)
+            if replacements > self.cfg.faults.max_replacements:
+                raise RuntimeError(f"rollout at step {step}: engine(s) {failed} after {replacements - len(failed)} "
+                                   f"replacements, --faults.max_replacements is {self.cfg.faults.max_replacements}. "
+                                   f"Fix: raise it, or look at the engines' logs in STORAGE/logs/")
+            for i, cause in failed.items():
+                lost.setdefault(i, (cause, time.perf_counter()))
+            self.replace_engines(list(failed), prompts)
+            calls.update({i: call(i) for i in failed})  # the same prompts and seeds
+        for i, (cause, noticed) in lost.items():
+            self.failures.append(Failure(f"rollout_engines_{i}", step, "rollout", cause, time.perf_counter() - noticed,
+                                         len(shards[i]) * n_samples, self.engines[i]._actor_id.hex()))
+        return [calls[i] for i in sorted(calls)]
+
+    def lost_engines(self, calls: dict, step) -> dict[int, str]:
+        """Engine index -> why its call is lost: it died, or gave no answer within --faults.engine_timeout_s."""
+        timeout = self.cfg.faults.engine_timeout_s or self.cfg.wait_timeout_s
+        done, _ = ray.wait(list(calls.values()), num_returns=len(calls), fetch_local=False, timeout=timeout)
+        lost = {i: "died" if ref in done else f"no answer within {timeout:g} s" for i, ref in calls.items()
+                if ref not in done or not alive(self.engines[i], self.cfg.wait_timeout_s)}
+        if lost and not self.cfg.faults.replace_engines:
+            raise RuntimeError(f"rollout at step {step}: engine(s) {lost} and --faults.replace_engines is false. "
+                               f"Fix: --faults.replace_engines true, or look at the engine's log in STORAGE/logs/")
+        return lost
+
+    def replace_engines(self, indexes: list[int], prompts: pa.Table) -> None:
+        """New engines in the bundles of `indexes`, started together; then the weight sync, re-run for every engine
+        (the others get the weights they hold), and each new one's log-prob parity with the learners."""
+        cfg = self.cfg
+        for i in indexes:
+            ray.kill(self.engines[i])  # a wedged one frees its bundle; a dead one: nothing to do
+            self.engines[i] = start_engine(cfg.model.name, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray,
+                                           self.engine_group, i, cfg.model.cache_dir)
+        wait([self.engines[i].__ray_ready__.remote() for i in indexes], f"starting replacement rollout engines {indexes}",
+             cfg.wait_timeout_s)
+        self.replaced += get([node_of(self.engines[i]) for i in indexes], "nodes", cfg.wait_timeout_s)
+        self.sync_weights()
+        probe = prompt_probe(ragged_to_numpy(prompts["prompt_ids"])) if self.last_batch is None else None
+        for i in indexes:
+            check_parity(self.check_sync(engine=i, probe=probe), sync_check_tolerance(cfg, self.precision),
+                         f"replacement engine {i}")
 
     def score(self, rollout_refs: list) -> ray.ObjectRef:
         """Endogenous rewards + reference log-probs (one forward pass) per shard, then the sentence RM's dense
         rewards when it is a reward source; one table ref back."""
+        started = time.perf_counter()
+        for i in self.cfg.faults.due("scorers", self.step, "score"):
+            crash(self.scorers[i])  # before its calls: they are retried on the restarted process
         scored = [self.scorers[i % len(self.scorers)].score.remote(ref) for i, ref in enumerate(rollout_refs)]
         if self.remote_reward:  # --reward.remote_url: the reward from the servers, the KL reference kept local
             scored = [self.remote_reward.score.remote(ref) for ref in scored]
         if self.sentence_rm:
             scored = [self.sentence_rm.score.remote(ref) for ref in scored]
-        return wait([self.batch_ops.concat.remote(*scored)], "score", self.cfg.wait_timeout_s)[0]
+        out = wait([self.batch_ops.concat.remote(*scored)], "score", self.cfg.wait_timeout_s)[0]
+        self.note_restarts(started)
+        return out
+
+    def note_restarts(self, started: float) -> None:
+        """A scorer whose process changed was restarted by Ray during this score phase: a Failure, with the rows
+        of every batch that was sent to it (all retried). One Ray restart too many stops the run, naming the option."""
+        actors = self.scoring_actors()
+        try:
+            pids = get([pid_of(a) for a in actors], "scorer pids", self.cfg.wait_timeout_s)
+        except ray.exceptions.RayActorError as e:
+            raise RuntimeError(f"a scorer died at step {self.step} (score) after --faults.scorer_restarts "
+                               f"{self.cfg.faults.scorer_restarts} restarts. Fix: raise --faults.scorer_restarts, or "
+                               f"look at the scorer's log in STORAGE/logs/: {e}") from None
+        for i, (old, new) in enumerate(zip(self.scorer_pids, pids)):
+            if old != new:
+                role, index = ("scorers", i) if i < len(self.scorers) else ("sentence_rm", 0)
+                rows = sum(self.shard_rows) if role == "sentence_rm" else sum(self.shard_rows[i::len(self.scorers)])
+                self.failures.append(Failure(f"{role}_{index}", self.step, "score", "died",
+                                             time.perf_counter() - started, rows, f"pid {new}"))
+        self.scorer_pids = pids
+
+    def take_failures(self) -> list[Failure]:
+        """The failures recovered from since the last call (for the run log)."""
+        failures, self.failures = self.failures, []
+        return failures
 
     def values(self, scored_ref) -> list | None:
         return self.critic.values(scored_ref) if self.critic else None
@@ -179,12 +289,13 @@ class RLWorkers:
                 + [engine.receive_weights.remote(self.sync_plan, dtype) for engine in self.engines])
         return max(get(refs, "sync (bucketed broadcast)", self.cfg.wait_timeout_s))
 
-    def check_sync(self, rows: int = 2) -> float:
-        """Max |log-prob difference| between engine 0 and the learners on the last batch's first rows."""
-        probe = get(self.last_batch, "sync check (batch)", self.cfg.wait_timeout_s).slice(0, rows).select(["prompt_ids", "response_ids"])
+    def check_sync(self, rows: int = 2, engine: int = 0, probe: pa.Table | None = None) -> float:
+        """Max |log-prob difference| between an engine and the learners on the last batch's first rows (or `probe`)."""
+        if probe is None:
+            probe = get(self.last_batch, "sync check (batch)", self.cfg.wait_timeout_s).slice(0, rows).select(["prompt_ids", "response_ids"])
         prompts = [p.tolist() for p in ragged_to_numpy(probe["prompt_ids"])]
         responses = [r.tolist() for r in ragged_to_numpy(probe["response_ids"])]
-        engine_logp = get(self.engines[0].token_logprobs.remote(prompts, responses), "sync check (engine 0)",
+        engine_logp = get(self.engines[engine].token_logprobs.remote(prompts, responses), f"sync check (engine {engine})",
                           self.cfg.wait_timeout_s)
         return logprob_parity(engine_logp, self.learner.logprobs(probe, temperature=1.0))
 

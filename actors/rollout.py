@@ -135,15 +135,25 @@ def cpu_threads_bind(cfg: RolloutConfig, engine_index: int) -> str:
     return ",".join(str(core) for core in cores[first:first + width])
 
 
+def engine_request(device: str, cfg: RolloutConfig) -> dict[str, float]:
+    """One engine's resources (a placement-group bundle)."""
+    return bundle(cfg.cpus_per_engine, gpus_for(device, cfg.gpus_per_engine), cfg.resources)
+
+
+def start_engine(model: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig, group, index: int,
+                 cache_dir: str = "~/.cache/endorl"):
+    """Engine `index` in bundle `index` of `group`: at the start, and again for a replacement (same seed, same cores)."""
+    request = engine_request(device, cfg)
+    parts = ray_cfg.vllm_cpu_threads.split("|") if ray_cfg.vllm_cpu_threads else [""]
+    return (RolloutActor.options(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0),
+                                 resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")},
+                                 scheduling_strategy=in_bundle(group, index))
+            .remote(model, dtype, device, cfg, index, cache_dir, parts[index % len(parts)]))
+
+
 def start_rollout_engines(model: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig,
                           placement: PlacementConfig, cache_dir: str = "~/.cache/endorl") -> tuple[list, object]:
     """cfg.engines RolloutActors spread over the nodes, each with its own seed; returns (actors, placement group).
     On CPU, --ray.vllm_cpu_threads "0-1|2-3" gives engine i the i-th part; empty = per-node blocks of cores."""
-    request = bundle(cfg.cpus_per_engine, gpus_for(device, cfg.gpus_per_engine), cfg.resources)
-    group = reserve("rollout engines", [request] * cfg.engines, "SPREAD", placement)
-    parts = ray_cfg.vllm_cpu_threads.split("|") if ray_cfg.vllm_cpu_threads else [""]
-    engines = [RolloutActor.options(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0),
-                                    resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")},
-                                    scheduling_strategy=in_bundle(group, i))
-               .remote(model, dtype, device, cfg, i, cache_dir, parts[i % len(parts)]) for i in range(cfg.engines)]
-    return engines, group
+    group = reserve("rollout engines", [engine_request(device, cfg)] * cfg.engines, "SPREAD", placement)
+    return [start_engine(model, dtype, device, cfg, ray_cfg, group, i, cache_dir) for i in range(cfg.engines)], group

@@ -29,6 +29,7 @@ from pipeline.remote_reward import RLRewardConfig
 from pipeline.reward_api import AuthConfig, read_token
 from pipeline.experience import AdvantageConfig
 from pipeline.export import FINAL, ExportError, export_policy
+from pipeline.faults import FaultsConfig, check_faults
 from pipeline.models import ModelConfig, open_model
 from pipeline.policy import LearnerConfig
 from pipeline.precision import DType, summarize
@@ -90,6 +91,7 @@ class RLConfig:
     sentence_rm_gpus: float = opt(0, "GPUs of the sentence-RM actor (0 with --model.device cuda = 1)")
     sentence_rm_resources: dict[str, float] = opt(help="custom Ray resources of the sentence-RM actor", factory=dict)
     placement: PlacementConfig = opt(factory=PlacementConfig)
+    faults: FaultsConfig = opt(factory=FaultsConfig)  # recovery options, and --faults.kill (a testing hook)
     model: ModelConfig = opt(factory=ModelConfig)
     reward: RLRewardConfig = opt(factory=RLRewardConfig)  # the endogenous reward's options + --reward.remote_url
     advantage: AdvantageConfig = opt(factory=AdvantageConfig)
@@ -108,6 +110,10 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
         raise SystemExit(str(e))
     try:
         check_loggers(cfg.loggers)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    try:
+        check_faults(cfg.faults, {"rollout_engines": cfg.rollout.engines, "scorers": cfg.scorers}, cfg.steps)
     except ValueError as e:
         raise SystemExit(str(e))
     if prompt_count == 0:
@@ -214,7 +220,8 @@ def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
         finally:
             log.close()
     finally:
-        save_actor_logs(nodes, Storage(cfg.storage))  # each actor's stdout/stderr, also when the run failed
+        replaced = {"replacement_engines": workers.replaced} if workers.replaced else {}  # engines that took a dead one's place
+        save_actor_logs({**nodes, **replaced}, Storage(cfg.storage))  # each actor's stdout/stderr, also when the run failed
         workers.shutdown()
     history = log.history()
     plot_curves(history, log.storage)

@@ -64,16 +64,22 @@ def prompt_batch(prompts: pa.Table, step: int, batch_size: int, seed: int) -> pa
     return prompts.take(order[index * batch_size:(index + 1) * batch_size])
 
 
-def check_sync(workers, cfg) -> float:
-    """Engine vs learner log-probs on a probe after a sync; a difference over the tolerance stops the run."""
-    diff = workers.check_sync()
-    precision = workers.precision  # the dtypes the probed engine 0 and the learners resolved on their nodes
-    tolerance = cfg.sync_tolerance or sync_tolerance(precision["rollout_engines"][0]["dtype"],
-                                                     *(r["dtype"] for r in precision["policy_learners"]))
+def sync_check_tolerance(cfg, precision: dict[str, list[dict]]) -> float:
+    """--sync_tolerance, or the default for the dtypes the probed engine 0 and the learners resolved on their nodes."""
+    return cfg.sync_tolerance or sync_tolerance(precision["rollout_engines"][0]["dtype"],
+                                                *(r["dtype"] for r in precision["policy_learners"]))
+
+
+def check_parity(diff: float, tolerance: float, which: str = "the engines") -> float:
     if not diff <= tolerance:
         raise RuntimeError(f"weight sync check failed: engine and learner log-probs differ by {diff:.4g} "
-                           f"(tolerance {tolerance:g}); the engines are not sampling from the trained policy.")
+                           f"(tolerance {tolerance:g}); {which} are not sampling from the trained policy.")
     return diff
+
+
+def check_sync(workers, cfg) -> float:
+    """Engine vs learner log-probs on a probe after a sync; a difference over the tolerance stops the run."""
+    return check_parity(workers.check_sync(), sync_check_tolerance(cfg, workers.precision))
 
 
 POSTFIX = {"reward": "reward/endogenous", "kl": "kl/k1_rollout", "s": "time/step"}  # the progress bar's, per step
@@ -102,6 +108,7 @@ class Workers(Protocol):
     def check_sync(self) -> float: ...                                         # max |logp_engine - logp_learner|
     def heldout_reward(self, prompts: pa.Table, save_as: str) -> dict: ...  # mean reward of held-out samples
     def save(self, path: str, state: dict) -> None: ...
+    def take_failures(self) -> list: ...  # pipeline.faults.Failure records since the last call (actors replaced)
 
 
 def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.Table, log, start_step: int = 0) -> None:
@@ -136,6 +143,7 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
             with timer("checkpoint"):
                 workers.save(log.checkpoint_dir(step + 1), {"step": step + 1})
         metrics.update(experience_metrics)
+        metrics.update(log.write_failures(workers.take_failures()))  # failures.jsonl; faults/* when any
         metrics.update(timer.metrics())
         log.write(step + 1, metrics)
         bar.set_postfix(progress_postfix(metrics), refresh=False)  # drawn with the step count it belongs to

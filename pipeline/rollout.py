@@ -189,3 +189,13 @@ def logprob_parity(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     diffs = [np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))) for x, y in zip(a, b) if len(x)]
     worst = float(max(diffs, default=0.0))
     return worst if np.isfinite(worst) and not any(np.isnan(diffs)) else float("inf")  # NaN must fail a `< tol` check
+
+
+def prompt_probe(prompt_ids: list[np.ndarray], rows: int = 2, tail: int = 4) -> pa.Table:
+    """A parity probe (prompt_ids, response_ids) when no batch was sampled yet: the first `rows` prompts of more
+    than one token, their last `tail` tokens as the 'response' (the probe compares two models' log-probs of the same
+    tokens, so any tokens do)."""
+    chosen = [np.asarray(p) for p in prompt_ids if len(p) > 1][:rows]
+    cut = [len(p) - min(tail, len(p) - 1) for p in chosen]
+    return pa.table({"prompt_ids": numpy_to_ragged([p[:c] for p, c in zip(chosen, cut)], pa.int32()),
+                     "response_ids": numpy_to_ragged([p[c:] for p, c in zip(chosen, cut)], pa.int32())})

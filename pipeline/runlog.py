@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,10 +22,14 @@ import yaml
 from torch.utils.tensorboard import SummaryWriter
 
 from pipeline.config import opt
+from pipeline.faults import Failure, failure_metrics
 from pipeline.storage import Storage
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+FAILURES = "failures.jsonl"  # one line per actor failure and its recovery (pipeline/faults.py: Failure)
 MARKER = "driver_state.json"  # written last, by the driver: a checkpoint without it is incomplete
 LOGGERS = ("tensorboard", "wandb")  # where the metrics go besides metrics.jsonl (--loggers)
 
@@ -75,6 +80,8 @@ class RunLog:
             old += "\n"  # a torn last line (killed mid-write) ends here; the next record starts on its own line
         self.text = old + (json.dumps({"resumed_from": resume_step}) + "\n" if resume_step else "")
         self.storage.write_text(METRICS, self.text)
+        self.failures_text = self.storage.read_text(FAILURES) if resume_step and self.storage.exists(FAILURES) else ""
+        self.storage.write_text(FAILURES, self.failures_text)  # empty: no actor failed (a fresh run drops old ones)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if self.tensorboard:
@@ -94,6 +101,16 @@ class RunLog:
             self.storage.write_text(METRICS, self.text)
         if self.tensorboard and not self.storage.is_local:
             self.storage.upload(f"{self.local_dir}/tensorboard", "tensorboard")
+
+    def write_failures(self, failures: list[Failure]) -> dict[str, float]:
+        """Each failure as a line of failures.jsonl (and of driver.log); returns the faults/* metrics of the step."""
+        for failure in failures:
+            logger.warning("%s failed (%s) at step %d, phase %s: recovered in %.1f s, %d rows redone", failure.actor,
+                           failure.cause, failure.step, failure.phase, failure.recover_s, failure.rows_redone)
+            self.failures_text += json.dumps(dataclasses.asdict(failure)) + "\n"
+        if failures:
+            self.storage.write_text(FAILURES, self.failures_text)  # rare and small: rewritten whole, atomically
+        return failure_metrics(failures)
 
     def write_json(self, name: str, value) -> None:
         self.storage.write_text(name, json.dumps(value, indent=2) + "\n")

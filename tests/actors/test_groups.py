@@ -112,3 +112,108 @@ def test_wait_times_out_naming_the_phase(local_ray):
     with pytest.raises(TimeoutError, match=r"rollout \(2 engine calls\): 1 of 2 calls not done after 0.5 s"):
         wait([fast, slow], "rollout (2 engine calls)", 0.5)
     ray.cancel(slow, force=True)
+
+
+# ------------------------------------------------------------------ failures (--faults.kill, pipeline/faults.py)
+
+FAULT_RUN = ("--steps", "3", "--learner.dtype", "float32", "--eval_every", "0", "--checkpoint_every", "0",
+             "--export", "false")  # float32 engine, scorer and learners: a redone step must come out exactly alike
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, local_ray, tmp_path_factory):
+    """The metrics of a 3-step run without a fault, shared by the fault tests of this module."""
+    output = tmp_path_factory.mktemp("uninterrupted")
+    rlhf.main(tiny_args(tiny_model_dir, output, *FAULT_RUN))
+    assert (output / "failures.jsonl").read_text() == ""
+    return read_metrics(output / "metrics.jsonl")
+
+
+def test_a_dead_engine_and_a_dead_scorer_are_replaced_and_the_run_comes_out_the_same(tmp_path, tiny_model_dir,
+                                                                                   uninterrupted):
+    """Engine 0 crashes in step 1's rollout and scorer 0 in step 2's scoring: the engine is replaced (current
+    weights, parity-checked) and regenerates its prompts with the same seeds, Ray restarts the scorer and retries
+    its batch; every step's metrics equal the uninterrupted run's, and failures.jsonl records both."""
+    rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--faults.kill", "rollout_engines:0@1,scorers:0@2"))
+    got = read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in got] == [m["step"] for m in uninterrupted] == [1, 2, 3]
+    for expected, row in zip(uninterrupted, got):
+        for key, value in expected.items():
+            if not key.startswith(TIME_KEYS):
+                assert row[key] == value, (row["step"], key)
+    failures = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert [(f["actor"], f["step"], f["phase"], f["cause"], f["rows_redone"]) for f in failures] == [
+        ("rollout_engines_0", 1, "rollout", "died", 4), ("scorers_0", 2, "score", "died", 4)]
+    assert all(f["recover_s"] > 0 for f in failures)
+    assert ":actor_name:RolloutEngine" in (tmp_path / "logs" / "replacement_engines_0.log").read_text()  # its output kept
+    assert [m.get("faults/count") for m in got] == [None, 1.0, 1.0]  # the row of step s is logged as s + 1
+
+
+def test_a_dead_engine_without_replacement_stops_the_run_naming_the_option(tmp_path, tiny_model_dir, local_ray):
+    """With --faults.replace_engines false an engine crash is not recovered: the error names the option."""
+    with pytest.raises(RuntimeError, match=r"engine\(s\) \{0: 'died'\} and --faults.replace_engines is false"):
+        rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--steps", "1", "--faults.kill", "rollout_engines:0@0",
+                            "--faults.replace_engines", "false"))
+
+
+def test_an_engine_call_is_lost_when_its_engine_died_or_gave_no_answer_in_time(local_ray):
+    """lost_engines, on stand-in actors: a finished call is kept, a dead engine's is 'died', a wedged engine's is
+    'no answer within --faults.engine_timeout_s'; with --faults.replace_engines false the error names the option."""
+    import time
+    from types import SimpleNamespace
+
+    from actors.groups import RLWorkers, crash, get
+    from pipeline.faults import FaultsConfig
+
+    @ray.remote(num_cpus=0)
+    class Engine:
+        def generate(self, seconds):
+            time.sleep(seconds)
+            return seconds
+
+    workers = RLWorkers.__new__(RLWorkers)  # only what lost_engines reads: the config and the engines
+    workers.cfg = SimpleNamespace(wait_timeout_s=60, faults=FaultsConfig(engine_timeout_s=2))
+    workers.engines = [Engine.remote() for _ in range(3)]
+    try:
+        get([engine.__ray_ready__.remote() for engine in workers.engines], "stand-in engines", 120)
+        crash(workers.engines[1])
+        calls = {i: engine.generate.remote(seconds) for i, (engine, seconds) in enumerate(zip(workers.engines, (0, 0, 600)))}
+        assert workers.lost_engines(calls, step=1) == {1: "died", 2: "no answer within 2 s"}
+        workers.cfg.faults = FaultsConfig(engine_timeout_s=2, replace_engines=False)
+        with pytest.raises(RuntimeError, match=r"rollout at step 1: engine\(s\) \{1: 'died', 2: 'no answer within 2 s'\} "
+                                               r"and --faults.replace_engines is false"):
+            workers.lost_engines(calls, step=1)
+    finally:
+        for engine in workers.engines:
+            ray.kill(engine)
+
+
+def test_a_restarted_scorer_is_logged_and_one_without_restarts_left_stops_the_run(local_ray):
+    """note_restarts, on stand-in scorers: a scorer Ray restarted (a new pid) is a Failure with the rows sent to it;
+    a dead scorer with no restart left is an error naming --faults.scorer_restarts."""
+    from types import SimpleNamespace
+
+    from actors.groups import RLWorkers, crash, get, pid_of
+    from pipeline.faults import FaultsConfig
+
+    @ray.remote(num_cpus=0)
+    class Scorer:
+        pass
+
+    workers = RLWorkers.__new__(RLWorkers)  # only what note_restarts reads
+    workers.cfg = SimpleNamespace(wait_timeout_s=60, faults=FaultsConfig(scorer_restarts=1))
+    workers.scorers, workers.sentence_rm, workers.failures = [Scorer.options(max_restarts=1, max_task_retries=1).remote(),
+                                                                 Scorer.remote()], None, []
+    workers.step, workers.shard_rows = 1, [4, 2, 6]  # three rollout shards: scorer 0 got the first and the third
+    try:
+        workers.scorer_pids = get([pid_of(s) for s in workers.scorers], "stand-in scorers", 120)
+        crash(workers.scorers[0])
+        workers.note_restarts(started=0.0)  # its pid call waits for the restart
+        (failure,) = workers.take_failures()
+        assert (failure.actor, failure.step, failure.phase, failure.rows_redone) == ("scorers_0", 1, "score", 10)
+        crash(workers.scorers[1])  # max_restarts 0
+        with pytest.raises(RuntimeError, match="a scorer died at step 1 .* --faults.scorer_restarts 1 restarts"):
+            workers.note_restarts(started=0.0)
+    finally:
+        for scorer in workers.scorers:
+            ray.kill(scorer)

@@ -198,3 +198,16 @@ def test_per_sample_seeds_give_the_same_rollout_whatever_the_split(engine, promp
     print("max |logprob diff| 1 vs 2 shards:", float(np.max(np.abs(a - b))))
     np.testing.assert_allclose(a, b, atol=1e-4)
     assert whole["prompt_id"].to_pylist() == [pid for pid in prompts["prompt_id"].to_pylist() for _ in range(2)]
+
+
+@pytest.mark.slow
+def test_per_sample_seeds_do_not_depend_on_the_engines_own_seed(engine, prompts):
+    """Any engine, a replacement included, samples a prompt's seeds alike: engine i's own generator (LLM(seed=
+    rollout.seed + i) seeds random, numpy and torch) is not used by seeded requests, so reseeding it changes nothing."""
+    import random
+
+    from pipeline.seeds import prompt_seeds
+    seeds = prompt_seeds(0, 1, prompts["prompt_id"].to_pylist(), 2)
+    first = engine.generate(prompts, n_samples=2, seeds=seeds)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)  # as LLM(seed=7), another engine's seed, would
+    assert engine.generate(prompts, n_samples=2, seeds=seeds).equals(first)

@@ -41,6 +41,12 @@ def test_gpu_requested_without_gpu(tiny_model_dir):
     refuse(tiny_model_dir, "--model.device", "cuda", match="no CUDA GPU")
 
 
+def test_a_fault_injection_the_run_cannot_hit_is_refused(tiny_model_dir):
+    refuse(tiny_model_dir, "--faults.kill", "rollout_engines:1@0", match=r"--faults.kill 'rollout_engines:1@0': the run has 1 rollout_engines")
+    refuse(tiny_model_dir, "--faults.kill", "scorers:0@20", match=r"step 20 is not run \(--steps 20")
+    refuse(tiny_model_dir, "--faults.kill", "learners:0@1", match=r"role 'learners' is not one of rollout_engines, scorers")
+
+
 def test_zero_stage_out_of_range(tiny_model_dir):
     refuse(tiny_model_dir, "--learner.zero_stage", "4", match=r"learner.zero_stage must be in 0..3.*--learner.zero_stage 2")
 

@@ -73,6 +73,10 @@ class FakeWorkers:
     def save(self, path, state):
         self.calls.append(("save", state["step"]))
 
+    def take_failures(self):
+        failures, self.failures = getattr(self, "failures", []), []
+        return failures
+
 
 class Log:
     def __init__(self):
@@ -83,6 +87,11 @@ class Log:
 
     def checkpoint_dir(self, step):
         return f"ckpt/{step}"
+
+    def write_failures(self, failures):
+        from pipeline.faults import failure_metrics
+        self.failures = getattr(self, "failures", []) + failures
+        return failure_metrics(failures)
 
 
 def test_loop_order_cadence_and_timings():
@@ -182,3 +191,22 @@ def test_the_progress_bar_shows_each_steps_reward_kl_and_seconds(capsys):
     bar = capsys.readouterr().err.split("\r")[-1]  # tqdm redraws its one line on stderr
     assert bar.startswith("rl: 100%|") and "2/2" in bar and "reward=-85.12, kl=0.09123, s=" in bar
     assert progress_postfix({"reward/endogenous": 1.0, "time/step": 31.25}) == {"reward": "1", "s": "31.25"}
+
+
+def test_a_recovered_failure_is_logged_with_its_step():
+    """A failure the workers recovered from during a step goes to the run log and into that step's row only."""
+    from pipeline.faults import Failure
+
+    class Failing(FakeWorkers):
+        def generate(self, prompts, step, n_samples):
+            if step == 1:
+                self.failures = [Failure("rollout_engines_0", 1, "rollout", "died", 2.5, 4)]
+            return super().generate(prompts, step, n_samples)
+
+    workers, log = Failing(), Log()
+    prompts = pa.table({"prompt_id": [str(i) for i in range(6)], "prompt_ids": [[1, 2]] * 6})
+    rl_loop(LoopConfig(steps=3, eval_every=0), workers, prompts, prompts, log)
+    assert [f.actor for f in log.failures] == ["rollout_engines_0"]
+    rows = dict(log.rows)
+    assert rows[2]["faults/count"] == 1 and rows[2]["faults/recover_s"] == 2.5 and rows[2]["faults/rows_redone"] == 4
+    assert "faults/count" not in rows[1] and "faults/count" not in rows[3]

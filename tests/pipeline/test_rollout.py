@@ -137,3 +137,11 @@ def test_outputs_to_rollout_table_copies_each_prompts_extra_contexts_onto_its_sa
     assert got == [contexts[0], contexts[0], contexts[1]]
     assert table.select(ROLLOUT_SCHEMA.names).schema == ROLLOUT_SCHEMA
     assert outputs_to_rollout_table([[1, 2, 3], [4]], ["p0", "p1"], outputs, EOS).schema == ROLLOUT_SCHEMA  # raw: none
+def test_prompt_probe_splits_each_prompt_into_prompt_and_response():
+    """The parity probe of an engine replaced before any batch exists: prompts' tails as responses, nothing dropped."""
+    from pipeline.arrow import ragged_to_numpy
+    from pipeline.rollout import prompt_probe
+
+    probe = prompt_probe([np.array([1]), np.array([1, 2, 3]), np.arange(10), np.arange(5)], rows=2)
+    assert [p.tolist() for p in ragged_to_numpy(probe["prompt_ids"])] == [[1], [0, 1, 2, 3, 4, 5]]
+    assert [r.tolist() for r in ragged_to_numpy(probe["response_ids"])] == [[2, 3], [6, 7, 8, 9]]

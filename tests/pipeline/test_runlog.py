@@ -144,3 +144,21 @@ def test_loggers_are_checked_before_any_work(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(ValueError, match=r"--loggers wandb needs the wandb package.*pip install wandb"):
         check_loggers(["wandb"])
+
+
+def test_failures_go_to_failures_jsonl_and_a_fresh_run_starts_it_empty(tmp_path):
+    """Each recovered failure is a line of failures.jsonl with its actor, step, phase, recovery time and rows."""
+    import json as json_
+
+    from pipeline.faults import Failure
+    from pipeline.runlog import FAILURES, RunLog
+
+    log = RunLog(str(tmp_path), "config: test", loggers=())
+    metrics = log.write_failures([Failure("scorers_0", 1, "score", "died", 1.25, 4, "pid 7")])
+    assert metrics == {"faults/count": 1.0, "faults/recover_s": 1.25, "faults/rows_redone": 4.0}
+    assert json_.loads((tmp_path / FAILURES).read_text()) == {
+        "actor": "scorers_0", "step": 1, "phase": "score", "cause": "died", "recover_s": 1.25, "rows_redone": 4,
+        "replacement": "pid 7"}
+    log.close()
+    RunLog(str(tmp_path), "config: test", loggers=()).close()
+    assert (tmp_path / FAILURES).read_text() == ""
