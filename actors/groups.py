@@ -27,7 +27,7 @@ from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import parquet_bytes, ragged_to_numpy
 from pipeline.driver import check_parity, sync_check_tolerance
 from pipeline.experience import build_experience
-from pipeline.faults import Failure
+from pipeline.faults import Failure, LearnerGroupFailed
 from pipeline.precision import sync_dtype
 from pipeline.rollout import logprob_parity, prompt_probe
 from pipeline.runlog import MARKER
@@ -264,7 +264,14 @@ class RLWorkers:
         return experience, get(metrics, "experience", self.cfg.wait_timeout_s)
 
     def train(self, experience_ref) -> dict:
-        metrics = {f"policy/{k}": v for k, v in self.learner.train_step(experience_ref, self.cfg.rollout.temperature).items()}
+        for i in self.cfg.faults.due("policy_learners", self.step, "train"):
+            crash(self.learner.actors[i])
+        try:
+            policy = self.learner.train_step(experience_ref, self.cfg.rollout.temperature)
+        except ray.exceptions.RayActorError as e:  # a rank died: the group's collectives cannot go on
+            raise LearnerGroupFailed(f"a policy learner rank died at step {self.step} (train): "
+                                     f"{str(e).splitlines()[0][:200]}", self.step) from e
+        metrics = {f"policy/{k}": v for k, v in policy.items()}
         if self.critic:
             metrics.update({f"critic/{k}": v for k, v in self.critic.train_step(experience_ref).items()})
         return metrics

@@ -68,7 +68,7 @@ def padded_forward(model, prompt_ids, response_ids):
     return token_logprobs(logits, targets) * mask, mask
 
 
-def measure(variant: str, kind: str, repeats: int, micro_batch_size: int) -> dict:
+def measure(variant: str, kind: str, repeats: int, micro_batch_size: int, zero_stage: int = 2) -> dict:
     import torch
 
     from pipeline.models import ModelConfig, load_causal_lm, resolve_model
@@ -79,7 +79,7 @@ def measure(variant: str, kind: str, repeats: int, micro_batch_size: int) -> dic
     prompt_ids, response_ids = make_rows(kind)
     path = resolve_model("smollm2-135m-instruct")
     dtype = resolve_dtype("auto", "cpu")
-    cfg = LearnerConfig(ranks=1, micro_batch_size=micro_batch_size, dtype=dtype, lr=1e-6)
+    cfg = LearnerConfig(ranks=1, micro_batch_size=micro_batch_size, dtype=dtype, lr=1e-6, zero_stage=zero_stage)
     chunks = [slice(s, s + micro_batch_size) for s in range(0, len(prompt_ids), micro_batch_size)]
     if variant == "learner":
         import pyarrow as pa
@@ -137,17 +137,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro_batch_size", type=int, default=8, help="rows per forward pass in every variant")
+    ap.add_argument("--zero_stage", type=int, default=2, help="the learner variant's ZeRO stage (configs/local.yaml: 2)")
     ap.add_argument("--one", nargs=2, metavar=("VARIANT", "BATCH"), help=argparse.SUPPRESS)  # a child process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(*args.one, args.repeats, args.micro_batch_size)))
+        print(json.dumps(measure(*args.one, args.repeats, args.micro_batch_size, args.zero_stage)))
         return
     print(machine_line(), flush=True)
     results = {}
     for kind, variants in (("trl", VARIANTS), ("long", ("packed", "padded"))):
         for variant in variants:
             out = subprocess.run([sys.executable, "-m", "bench.learner_step", "--one", variant, kind, "--repeats",
-                                  str(args.repeats), "--micro_batch_size", str(args.micro_batch_size)],
+                                  str(args.repeats), "--micro_batch_size", str(args.micro_batch_size),
+                                  "--zero_stage", str(args.zero_stage)],
                                  check=True, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             results[kind, variant] = json.loads(out.stdout.strip().splitlines()[-1])
             r = results[kind, variant]

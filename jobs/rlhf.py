@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Literal
 
@@ -29,7 +30,7 @@ from pipeline.remote_reward import RLRewardConfig
 from pipeline.reward_api import AuthConfig, read_token
 from pipeline.experience import AdvantageConfig
 from pipeline.export import FINAL, ExportError, export_policy
-from pipeline.faults import FaultsConfig, check_faults
+from pipeline.faults import Failure, FaultsConfig, LearnerGroupFailed, check_faults
 from pipeline.models import ModelConfig, open_model
 from pipeline.policy import LearnerConfig
 from pipeline.precision import DType, summarize
@@ -60,6 +61,8 @@ class RLConfig:
                               "what the run computes, unless --resume_force names the fields")
     resume_force: list[str] = opt(help="with --resume: dotted config fields allowed to differ from the checkpoint's, "
                                        "e.g. steps,rollout.engines (the change is then intended)", factory=list)
+    max_failures: int = opt(1, "learner-group failures (a rank died) survived by restarting every actor from the "
+                               "newest complete checkpoint, in this job; then the run stops")
     wait_timeout_s: float = opt(1800, "longest the driver waits for one phase (rollout, score, experience, sync, "
                                       "evaluation, actor start): then a TimeoutError naming the phase, not a hang")
     checkpoint_every: int = opt(10, "save a checkpoint every K steps (and at the end); 0 = never")
@@ -113,7 +116,8 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
     except ValueError as e:
         raise SystemExit(str(e))
     try:
-        check_faults(cfg.faults, {"rollout_engines": cfg.rollout.engines, "scorers": cfg.scorers}, cfg.steps)
+        check_faults(cfg.faults, {"rollout_engines": cfg.rollout.engines, "scorers": cfg.scorers,
+                                  "policy_learners": cfg.learner.ranks}, cfg.steps)
     except ValueError as e:
         raise SystemExit(str(e))
     if prompt_count == 0:
@@ -196,6 +200,32 @@ def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
         check_resume(cfg, resume[0], implied)
 
     init_ray(cfg.ray, cfg.model.device)
+    restarts, restart = 0, None  # restart: (the Failure of the learner group restarted from, when it was noticed)
+    while True:  # a dead learner rank takes its group down: restart every actor from the newest checkpoint
+        try:
+            log = session(cfg, train_ids, heldout_ids, resume[0] if resume else None, restart)
+            break
+        except LearnerGroupFailed as e:
+            if restarts >= cfg.max_failures:
+                raise SystemExit(f"{e}. Stopped after {cfg.max_failures} restart(s) (--max_failures).") from None
+            restarts += 1
+            resume = latest_checkpoint(cfg.storage)
+            where = f"checkpoint step {resume[1]}" if resume else "the start (no complete checkpoint yet)"
+            message = f"{e}; restarting all actors from {where} (restart {restarts} of --max_failures {cfg.max_failures})"
+            logger.warning(message)
+            print(message, file=sys.stderr, flush=True)
+            redone = (e.step - (resume[1] if resume else 0) + 1) * cfg.prompts_per_step * cfg.rollout.n_samples
+            restart = Failure("policy_learners", e.step, "train", "died", 0.0, redone, f"all actors, from {where}"), \
+                time.perf_counter()
+    history = log.history()
+    plot_curves(history, log.storage)
+    return history
+
+
+def session(cfg: RLConfig, train_ids, heldout_ids, checkpoint: str | None,
+            restart: tuple[Failure, float] | None = None) -> RunLog:
+    """Start every actor, continue from `checkpoint` (or step 0), run the loop to the end; returns the closed log.
+    `restart`: the learner-group failure this session recovers from and when it was noticed (for failures.jsonl)."""
     from actors.groups import RLWorkers  # imports vLLM/DeepSpeed wrappers only once the config is known good
 
     try:
@@ -205,8 +235,10 @@ def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
     nodes = {}
     try:
         nodes = workers.nodes()
-        start_step = workers.load(resume[0])["step"] if resume else 0
+        start_step = workers.load(checkpoint)["step"] if checkpoint else 0
         log = RunLog(cfg.storage, to_yaml(cfg), resume_step=start_step, loggers=cfg.loggers, wandb=cfg.wandb)
+        if restart:
+            log.write_failures([dataclasses.replace(restart[0], recover_s=time.perf_counter() - restart[1])])
         log.write_json("nodes.json", nodes)
         for role, where in nodes.items():
             logger.info("%s: %s", role, ", ".join(f"{n['node_id'][:8]} ({n['ip']})" for n in where))
@@ -223,9 +255,7 @@ def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
         replaced = {"replacement_engines": workers.replaced} if workers.replaced else {}  # engines that took a dead one's place
         save_actor_logs({**nodes, **replaced}, Storage(cfg.storage))  # each actor's stdout/stderr, also when the run failed
         workers.shutdown()
-    history = log.history()
-    plot_curves(history, log.storage)
-    return history
+    return log
 
 
 def save_last_checkpoint(cfg: RLConfig, workers, log: RunLog) -> None:

@@ -9,6 +9,10 @@ actor INDEX of ROLE with ray.kill while it works on STEP's PHASE, as a crash of 
     same per-sample seeds (pipeline/seeds.py), so the step's batch is the one an uninterrupted run would have had.
   - scorers (phase score; the base-model scorers and the sentence RM): Ray restarts a dead scorer (max_restarts)
     and retries its batch on it (max_task_retries); a scorer is frozen, so its restarted copy scores alike.
+  - policy_learners (phase train): a dead rank takes its DeepSpeed group down (the collectives cannot go on):
+    LearnerGroupFailed; jobs.rlhf then restarts every actor from the newest complete checkpoint, up to
+    --max_failures times, and the steps after it come out as an uninterrupted run's (the resume is exact).
+An injected kill fires once per job: the steps redone after a restart do not hit it again.
 
 Each failure is a `Failure` record in the run folder's failures.jsonl, with faults/* metrics in the step's row.
 """
@@ -19,7 +23,7 @@ import re
 
 from pipeline.config import ConfigError, opt
 
-PHASES = {"rollout_engines": ("rollout",), "scorers": ("score",)}  # role -> phases a kill can hit (first: default)
+PHASES = {"rollout_engines": ("rollout",), "scorers": ("score",), "policy_learners": ("train",)}  # role -> phases a kill can hit (first: default)
 SPEC = re.compile(r"(?P<role>[a-z_]+):(?P<index>\d+)@(?P<step>\d+)(?::(?P<phase>[a-z_]+))?")
 
 
@@ -49,8 +53,9 @@ def parse_fault(spec: str) -> Fault:
 @dataclasses.dataclass
 class FaultsConfig:
     kill: list[str] = opt(help="TESTING HOOK, off by default: kill actors on purpose, ROLE:INDEX@STEP[:PHASE] "
-                               "comma-separated, e.g. rollout_engines:0@1 or scorers:0@1:score (ROLE rollout_engines "
-                               "or scorers, STEP counted from 0, PHASE by default the role's own: rollout, score)",
+                               "comma-separated, e.g. rollout_engines:0@1 or scorers:0@1:score (ROLE rollout_engines, "
+                               "scorers or policy_learners, STEP counted from 0, PHASE by default the role's own: "
+                               "rollout, score, train)",
                           factory=list)
     replace_engines: bool = opt(True, "replace a rollout engine that dies or does not answer, and generate its "
                                       "prompts again with the same seeds; false: the run stops with an error")
@@ -62,13 +67,24 @@ class FaultsConfig:
 
     def __post_init__(self):
         self.faults = [parse_fault(spec) for spec in self.kill]  # a bad spec fails when the config is read
+        self.fired: set[Fault] = set()  # kills already made in this job
         if self.max_replacements < 0 or self.scorer_restarts < 0 or self.engine_timeout_s < 0:
             raise ConfigError("faults.max_replacements, faults.scorer_restarts and faults.engine_timeout_s must be "
                               ">= 0. Fix: e.g. --faults.max_replacements 2")
 
     def due(self, role: str, step, phase: str) -> list[int]:
-        """Indexes of the `role` actors to kill now (held-out evaluations have a string step: never)."""
-        return [f.index for f in self.faults if (f.role, f.step, f.phase) == (role, step, phase)]
+        """Indexes of the `role` actors to kill now, each fault once (held-out evaluations have a string step: never)."""
+        now = [f for f in self.faults if (f.role, f.step, f.phase) == (role, step, phase) and f not in self.fired]
+        self.fired.update(now)
+        return [f.index for f in now]
+
+
+class LearnerGroupFailed(RuntimeError):
+    """A learner rank died at `step`: its group cannot go on, every actor is restarted from the newest checkpoint."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclasses.dataclass

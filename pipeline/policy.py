@@ -53,8 +53,9 @@ class LearnerConfig:
     lr_schedule: Literal["constant", "cosine"] = opt("constant", "after warm-up: constant, or cosine decay to 0")
     total_steps: int = opt(0, "optimizer steps for the cosine schedule (set by the RL job: iterations x ppo_epochs)")
     micro_batch_size: int = opt(4, "most rows per forward pass; gradient accumulation = the micro-batches of a rank")
-    micro_batch_tokens: int = opt(0, "most packed tokens per forward pass (rows sharing a prompt share its tokens; "
-                                     "a longer row goes alone); 0 = no limit")
+    micro_batch_tokens: int = opt(1024, "most packed tokens per forward pass (rows sharing a prompt share its tokens; "
+                                        "a longer row goes alone; on CPU the tree mask's attention grows with the "
+                                        "square of a pack); 0 = no limit")
     logit_chunk: int = opt(512, "response tokens per chunk of the log-softmax and entropy (bounds their float32 memory)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward (less memory, ~1/3 more compute)")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")

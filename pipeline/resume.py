@@ -9,7 +9,7 @@ from __future__ import annotations
 import yaml
 
 # dotted names (a trailing '.' = everything under it) that do not change what the run computes
-FREE = ("resume", "resume_force", "local", "storage", "export", "loggers", "wandb.", "wait_timeout_s", "faults.", "ray.", "placement.", "checkpoint_every", "eval_every",
+FREE = ("resume", "resume_force", "local", "storage", "export", "loggers", "wandb.", "wait_timeout_s", "max_failures", "faults.", "ray.", "placement.", "checkpoint_every", "eval_every",
         "sync.", "sync_check_every", "sync_tolerance", "scorer_cpus", "scorer_gpus", "scorer_resources", "sentence_rm_cpus",
         "sentence_rm_gpus", "sentence_rm_resources", "rollout.cpus_per_engine", "rollout.gpus_per_engine",
         "rollout.resources", "rollout.gpu_memory_utilization", "rollout.enforce_eager")

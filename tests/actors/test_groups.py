@@ -217,3 +217,28 @@ def test_a_restarted_scorer_is_logged_and_one_without_restarts_left_stops_the_ru
     finally:
         for scorer in workers.scorers:
             ray.kill(scorer)
+
+
+def test_a_dead_learner_rank_restarts_every_actor_from_the_checkpoint_and_the_run_comes_out_the_same(
+        tmp_path, tiny_model_dir, uninterrupted):
+    """Learner rank 1 crashes in step 2's train: the DeepSpeed group cannot go on, so jobs.rlhf restarts every actor
+    from the newest complete checkpoint (after step 2) and redoes step 2; every step's metrics equal the
+    uninterrupted run's, and failures.jsonl and the terminal say what happened."""
+    rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--checkpoint_every", "1",
+                        "--faults.kill", "policy_learners:1@2"))
+    got = read_metrics(tmp_path / "metrics.jsonl")  # the resume marker drops nothing here: step 3 never finished
+    assert [m["step"] for m in got] == [1, 2, 3]
+    for expected, row in zip(uninterrupted, got):
+        for key, value in expected.items():
+            if not key.startswith(TIME_KEYS):
+                assert row[key] == value, (row["step"], key)
+    assert '{"resumed_from": 2}' in (tmp_path / "metrics.jsonl").read_text()
+    (failure,) = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
+    assert (failure["actor"], failure["step"], failure["phase"], failure["rows_redone"]) == ("policy_learners", 2, "train", 4)
+    assert failure["recover_s"] > 0 and "from checkpoint step 2" in failure["replacement"]
+
+
+def test_a_dead_learner_rank_past_max_failures_stops_the_run_naming_the_option(tmp_path, tiny_model_dir, local_ray):
+    with pytest.raises(SystemExit, match=r"policy learner rank died at step 0 .*--max_failures"):
+        rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--steps", "1", "--max_failures", "0",
+                            "--faults.kill", "policy_learners:0@0"))

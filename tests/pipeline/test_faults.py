@@ -41,3 +41,10 @@ def test_failure_metrics_sum_a_steps_failures():
     assert failure_metrics([]) == {}
     failures = [Failure("rollout_engines_0", 1, "rollout", "died", 2.0, 4), Failure("scorers_0", 1, "score", "died", 1.5, 4)]
     assert failure_metrics(failures) == {"faults/count": 2.0, "faults/recover_s": 3.5, "faults/rows_redone": 8.0}
+
+
+def test_a_kill_fires_once_so_steps_redone_after_a_restart_do_not_hit_it_again():
+    cfg = FaultsConfig(kill=["policy_learners:1@2"])
+    assert cfg.faults == [Fault("policy_learners", 1, 2, "train")]
+    assert cfg.due("policy_learners", 2, "train") == [1]
+    assert cfg.due("policy_learners", 2, "train") == []  # the redone step 2 after the restart
