@@ -116,6 +116,7 @@ def save_actor_logs(nodes: dict[str, list[dict]], storage) -> list[str]:
     from pipeline.console import LOGS
 
     address = ray.get_runtime_context().gcs_address  # this job's Ray: another one on the machine is not asked
+    here = ray.get_runtime_context().get_node_id()
     written = []
     for role, records in nodes.items():
         for index, record in enumerate(records):
@@ -123,9 +124,13 @@ def save_actor_logs(nodes: dict[str, list[dict]], storage) -> list[str]:
             for suffix in ("out", "err"):
                 try:
                     parts.append(f"===== std{suffix} =====\n" + "".join(get_log(address, actor_id=record["actor_id"], suffix=suffix)))
-                except Exception as e:  # no dashboard, a node gone: say so instead of losing the run's other logs
-                    parts.append(f"===== std{suffix}: not readable through Ray's State API ({e}); see Ray's session "
-                                 f"logs on node {record['node_id'][:8]} ({record['ip']}) =====\n")
+                except Exception as e:  # no dashboard agent (its port taken by another Ray here), a node gone
+                    own_file = record.get(f"std{suffix}_file", "")
+                    if record["node_id"] == here and os.path.isfile(own_file):  # this node's disk: read it directly
+                        parts.append(f"===== std{suffix} =====\n" + open(own_file, errors="replace").read())
+                    else:  # say so instead of losing the run's other logs
+                        parts.append(f"===== std{suffix}: not readable through Ray's State API ({e}); see Ray's "
+                                     f"session logs on node {record['node_id'][:8]} ({record['ip']}) =====\n")
             written.append(f"{LOGS}/{role}_{index}.log")
             storage.write_text(written[-1], "\n".join(parts))
     return written

@@ -80,12 +80,16 @@ def in_bundle(group: PlacementGroup, index: int) -> PlacementGroupSchedulingStra
 
 
 def node_of(actor) -> dict:
-    """Where an actor runs: Ray node id, IP and host name, and its actor id (recorded in the run log)."""
+    """Where an actor runs: Ray node id, IP and host name, its actor id, and the files Ray sends its stdout and
+    stderr to on its node (recorded in the run log)."""
     def where(_self):
+        import os
         import socket
         context = ray.get_runtime_context()
+        files = {name: os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else ""
+                 for name, fd in (("stdout_file", 1), ("stderr_file", 2))}
         return {"node_id": context.get_node_id(), "ip": ray.util.get_node_ip_address(), "host": socket.gethostname(),
-                "actor_id": context.get_actor_id()}
+                "actor_id": context.get_actor_id(), **files}
     return actor.__ray_call__.remote(where)
 
 
