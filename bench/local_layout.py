@@ -40,13 +40,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--work", default="runs/bench_layout")
+    ap.add_argument("--layouts", default="", help="comma-separated indexes into LAYOUTS (default: all)")
     args = ap.parse_args()
     print(machine_line(), flush=True)
     results = {}
-    for name, overrides in LAYOUTS.items():
+    chosen = [list(LAYOUTS)[int(i)] for i in args.layouts.split(",")] if args.layouts else list(LAYOUTS)
+    for name in chosen:
+        overrides = LAYOUTS[name]
         results[name] = run(name, overrides, args)
         print(name, {k: round(v, 1) for k, v in results[name].items()}, flush=True)
-    first = results[next(iter(LAYOUTS))]["step"]
+    first = results[chosen[0]]["step"]
     print(f"\n| layout | s/step | vs first | {' | '.join(PHASES[1:])} |\n|---|---|---|{'---|' * (len(PHASES) - 1)}")
     for name, r in results.items():
         print(f"| {name} | {r['step']:.1f} | {first / r['step']:.2f}x | "
