@@ -102,7 +102,7 @@ def send_buckets(group: SyncGroup | None, plan: list[Bucket], dtype: str,
             offset += n
         if group is not None:
             group.broadcast(flat)
-        del flat
+        del flat  # before the next bucket is allocated: one bucket at a time
 
 
 def receive_buckets(group: SyncGroup, plan: list[Bucket], dtype: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -116,3 +116,4 @@ def receive_buckets(group: SyncGroup, plan: list[Bucket], dtype: str) -> Iterato
             n = shape_numel(shape)
             yield name, flat[offset:offset + n].view(shape)
             offset += n
+        del flat  # before the next bucket is allocated (the consumer may still hold its last view)
