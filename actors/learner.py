@@ -349,8 +349,7 @@ class LearnerGroup:
         self.placement = reserve(f"{role} learners", [request] * cfg.ranks, "PACK", placement or PlacementConfig())
         self.actors = []
         try:
-            probe = _address_and_free_port.options(scheduling_strategy=in_bundle(self.placement, 0))
-            master_addr, master_port = ray.get(probe.remote())
+            master_addr, master_port = self.rendezvous()  # the torch.distributed rendezvous lives on rank 0
             self.actors = [
                 PolicyLearnerActor.options(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0),
                                            resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")},
