@@ -33,12 +33,16 @@ import json
 import re
 from typing import Any
 
+import numpy as np
+
 from pipeline.chat import context_prompts, encode_contexts, encode_row, fit_to_window
 from pipeline.config import ConfigError, from_dict, opt
 from pipeline.data import prompt_field, text_field
 from pipeline.endogenous import EndoRewardConfig
 
 # EndoRewardConfig fields a request may not set: they tune the server's packing, not the reward.
+MAX_JSON_DEPTH = 64  # nesting a request body may have (a valid request has 4 levels)
+JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
 SERVER_SETTINGS = ("pack_tokens", "logit_chunk")
 REWARD_OPTIONS = ("items", "token_rewards", "sentence_rm", "system_prompt", "reward")
 
@@ -147,6 +151,14 @@ def check_declared_length(content_length: str | None, limits: LimitsConfig) -> N
                                         f"{limits.max_body_bytes}. Fix: split it into smaller requests.")
 
 
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in JSON text, brackets inside strings not counted. json.loads has no depth
+    limit of its own: it recurses until Python's recursion limit, which libraries raise."""
+    chars = np.frombuffer(JSON_STRING.sub('""', text).encode(), np.uint8)
+    steps = np.isin(chars, (ord("["), ord("{"))).astype(np.int64) - np.isin(chars, (ord("]"), ord("}")))
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def parse_json_body(body: bytes, limits: LimitsConfig) -> dict:
     """Bytes -> a JSON object: 413 over the size limit, 400 for bytes that are not UTF-8 JSON, 422 for a non-object."""
     if len(body) > limits.max_body_bytes:
@@ -157,12 +169,12 @@ def parse_json_body(body: bytes, limits: LimitsConfig) -> dict:
     except UnicodeDecodeError as e:
         raise RequestError(400, "body", f"the body is not UTF-8: byte {body[e.start]:#04x} at offset {e.start}. "
                                         f"Fix: send JSON encoded as UTF-8.") from None
+    if (depth := json_depth(text)) > MAX_JSON_DEPTH:
+        raise RequestError(400, "body", f"the JSON is nested too deeply ({depth} levels, at most {MAX_JSON_DEPTH}).")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise RequestError(400, "body", f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}.") from None
-    except RecursionError:
-        raise RequestError(400, "body", "the JSON is nested too deeply.") from None
     if not isinstance(data, dict):
         raise RequestError(422, "body", f"the body must be a JSON object, got a {type(data).__name__}.")
     return data

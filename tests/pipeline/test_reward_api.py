@@ -43,6 +43,21 @@ def test_bodies_over_the_limit_not_utf8_or_malformed_are_refused():
     assert "JSON object, got a list" in refused(422, "body", parse_json_body, b"[1, 2]", LIMITS)
 
 
+def test_deep_nesting_is_refused_whatever_the_recursion_limit():
+    """Bug: the depth check was Python's RecursionError, so where a library had raised the recursion limit (the full
+    suite's order did) a 1500-deep body parsed and came back 422 'got a list' instead of 400."""
+    import sys
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        deep = b'{"items": ' + b"[" * 1500 + b"]" * 1500 + b"}"
+        assert "nested too deeply" in refused(400, "body", parse_json_body, deep, LimitsConfig(max_body_bytes=10_000))
+    finally:
+        sys.setrecursionlimit(limit)
+    brackets_in_strings = b'{"items": [{"prompt": "' + b"[" * 1500 + b'", "response": "]]"}]}'
+    assert parse_json_body(brackets_in_strings, LimitsConfig(max_body_bytes=10_000))["items"][0]["response"] == "]]"
+
+
 @pytest.mark.parametrize("data, status, field", [
     ({}, 422, "items"),
     ({"items": "a row"}, 422, "items"),
