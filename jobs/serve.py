@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> str:
         check_port_free(cfg.http.host, cfg.http.port)
     init_ray(cfg.ray, cfg.model.device)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill PID` stops it like Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C, even where it started ignored (`&` in a script)
     url = f"http://{cfg.http.host}:{cfg.http.port}"
     try:
         serve.start(proxy_location=cfg.http.proxy_location,

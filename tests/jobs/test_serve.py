@@ -42,9 +42,11 @@ class Server:
         self.url, self.tag = f"http://127.0.0.1:{self.port}", uuid.uuid4().hex
         self.log = log_dir / f"serve-{self.port}.log"
         environ = {**os.environ, "ENDORL_TEST_SERVER": self.tag, **(env or {})}
+        # Ctrl-C starts ignored, as for anything a script starts with `&` (and CI's runner may): jobs.serve must
+        # still stop on it
         self.process = subprocess.Popen([sys.executable, "-m", "jobs.serve", "--http.port", str(self.port), *args],
                                         stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=environ,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
     def wait_ready(self, timeout_s=300):
         deadline = time.monotonic() + timeout_s
@@ -60,12 +62,15 @@ class Server:
             os.killpg(self.process.pid, signal.SIGINT)
 
     def stop(self):
-        """Wait for it to end after `interrupt`; then end whatever of its Ray is left, by pid."""
+        """Wait for it to end after `interrupt` (an error if it does not); then end whatever of its Ray is left, by pid."""
         try:
             self.process.wait(60)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
-        kill(processes_with([self.tag]))
+            raise AssertionError(f"jobs.serve did not stop within 60 s of Ctrl-C:\n{self.log.read_text()[-2000:]}")
+        finally:
+            kill(processes_with([self.tag]))
+        assert "stopping the reward server" in self.log.read_text()
 
 
 @pytest.fixture(scope="module")
