@@ -236,9 +236,3 @@ def test_a_dead_learner_rank_restarts_every_actor_from_the_checkpoint_and_the_ru
     (failure,) = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert (failure["actor"], failure["step"], failure["phase"], failure["rows_redone"]) == ("policy_learners", 2, "train", 4)
     assert failure["recover_s"] > 0 and "from checkpoint step 2" in failure["replacement"]
-
-
-def test_a_dead_learner_rank_past_max_failures_stops_the_run_naming_the_option(tmp_path, tiny_model_dir, local_ray):
-    with pytest.raises(SystemExit, match=r"policy learner rank died at step 0 .*--max_failures"):
-        rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--steps", "1", "--max_failures", "0",
-                            "--faults.kill", "policy_learners:0@0"))

@@ -1,4 +1,5 @@
-"""jobs.rlhf refuses bad input with a clear message before Ray or any actor starts."""
+"""jobs.rlhf refuses bad input with a clear message before Ray or any actor starts; its restart loop (run()) on a
+stand-in session."""
 import json
 
 import pytest
@@ -102,3 +103,24 @@ def test_an_unknown_or_missing_logger_is_refused_before_ray(tiny_model_dir, monk
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     refuse(tiny_model_dir, "--loggers", "wandb", match="--loggers wandb needs the wandb package.*pip install wandb")
+
+
+def test_a_learner_group_failing_past_max_failures_stops_the_run_naming_the_option(tmp_path, tiny_model_dir, monkeypatch):
+    """run()'s restart loop with session() replaced by a stand-in whose learner group fails every time (a real rank
+    death and restart are tests/actors/test_groups.py's): the run restarts once (--max_failures 1) from the start,
+    as no checkpoint exists, then stops with the error and the option."""
+    from pipeline.faults import LearnerGroupFailed
+    sessions = []
+
+    def failing_session(cfg, train_ids, heldout_ids, checkpoint, restart=None):
+        sessions.append((checkpoint, restart))
+        raise LearnerGroupFailed("policy learner rank died at step 0 (train)", 0)
+
+    monkeypatch.setattr(rlhf, "init_ray", lambda *args: None)
+    monkeypatch.setattr(rlhf, "session", failing_session)
+    with pytest.raises(SystemExit, match=r"rank died at step 0 \(train\)\. Stopped after 1 restart\(s\) \(--max_failures\)"):
+        rlhf.main(["--local", "--model.name", tiny_model_dir, "--storage", str(tmp_path), "--max_failures", "1"])
+    (first, no_restart), (second, (failure, _)) = sessions
+    assert first is None and no_restart is None and second is None  # nothing to resume from: both from step 0
+    assert (failure.actor, failure.step, failure.phase, failure.replacement) == (
+        "policy_learners", 0, "train", "all actors, from the start (no complete checkpoint yet)")
