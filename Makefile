@@ -56,7 +56,7 @@ run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m jobs.rlhf --config configs/local.yaml
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=30
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
