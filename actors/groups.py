@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
 
 import numpy as np
@@ -72,6 +73,11 @@ def crash(actor) -> None:
     actor.__ray_call__.options(max_task_retries=0).remote(lambda _self: os._exit(1))
 
 
+def wedge(actor) -> None:
+    """--faults.hang: the actor blocks on this call, queued ahead of its work, and never answers (until killed)."""
+    actor.__ray_call__.options(max_task_retries=0).remote(lambda _self: threading.Event().wait())
+
+
 def pid_of(actor) -> ray.ObjectRef:
     """The actor's process id: a new one means Ray restarted it."""
     return actor.__ray_call__.remote(lambda _self: os.getpid())
@@ -122,9 +128,11 @@ class RLWorkers:
                             cfg.model, cfg.reward)
                 else:
                     self.sentence_rm = SentenceRMActor.options(**options[0]).remote(cfg.sentence_rm, device)
-            self.learner = LearnerGroup(model, cfg.model, cfg.learner, role="policy", placement=cfg.placement)
+            self.learner = LearnerGroup(model, cfg.model, cfg.learner, role="policy", placement=cfg.placement,
+                                        timeout_s=cfg.wait_timeout_s)
             if cfg.advantage.estimator == "gae":
-                self.critic = LearnerGroup(model, cfg.model, cfg.learner, role="critic", placement=cfg.placement)
+                self.critic = LearnerGroup(model, cfg.model, cfg.learner, role="critic", placement=cfg.placement,
+                                           timeout_s=cfg.wait_timeout_s)
             self.batch_ops = BatchOps.options(scheduling_strategy=in_bundle(self.learner.placement, 0)).remote()
             actors = self.scorers + self.engines + [a for a in (self.sentence_rm, self.batch_ops, self.remote_reward) if a]
             wait([actor.__ray_ready__.remote() for actor in actors], "starting actors", cfg.wait_timeout_s)
@@ -170,6 +178,8 @@ class RLWorkers:
         self.step, self.shard_rows = step, [len(idx) * n_samples for idx in shards.values()]
         for i in self.cfg.faults.due("rollout_engines", step, "rollout"):
             crash(self.engines[i])
+        for i in self.cfg.faults.due("rollout_engines", step, "rollout", "hang"):
+            wedge(self.engines[i])
         calls, lost, replacements = {i: call(i) for i in shards}, {}, 0
         while failed := self.lost_engines(calls, step):
             replacements += len(failed)
@@ -266,11 +276,17 @@ class RLWorkers:
     def train(self, experience_ref) -> dict:
         for i in self.cfg.faults.due("policy_learners", self.step, "train"):
             crash(self.learner.actors[i])
+        for i in self.cfg.faults.due("policy_learners", self.step, "train", "hang"):
+            wedge(self.learner.actors[i])
         try:
             policy = self.learner.train_step(experience_ref, self.cfg.rollout.temperature)
         except ray.exceptions.RayActorError as e:  # a rank died: the group's collectives cannot go on
             raise LearnerGroupFailed(f"a policy learner rank died at step {self.step} (train): "
                                      f"{str(e).splitlines()[0][:200]}", self.step) from e
+        except TimeoutError as e:  # a rank is wedged (a collective waits on a peer that hangs): the same remedy
+            raise LearnerGroupFailed(f"a policy learner rank gave no answer at step {self.step} (train): {e}. "
+                                     f"Raise --wait_timeout_s if the step is just slow", self.step,
+                                     f"no answer within {self.cfg.wait_timeout_s:g} s") from e
         metrics = {f"policy/{k}": v for k, v in policy.items()}
         if self.critic:
             metrics.update({f"critic/{k}": v for k, v in self.critic.train_step(experience_ref).items()})

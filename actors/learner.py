@@ -325,11 +325,16 @@ def _address_and_free_port() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def _wait_all(refs: list) -> list:
-    """Results of a collective call on every rank, failing at the first error (the others would hang)."""
-    pending = list(refs)
+def _wait_all(refs: list, what: str, timeout_s: float) -> list:
+    """Results of a collective call on every rank, failing at the first error (the others would hang), and with a
+    TimeoutError naming `what` when a rank gives no answer within `timeout_s` seconds (a wedged rank or collective)."""
+    pending, deadline = list(refs), time.monotonic() + timeout_s
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(deadline - time.monotonic(), 0))
+        if not done:
+            raise TimeoutError(f"{what}: {len(pending)} of {len(refs)} learner ranks gave no answer within {timeout_s:g} s "
+                               f"(a rank is wedged, or one of its collectives waits on a dead peer). Fix: look at the "
+                               f"ranks' logs; raise the timeout if the call is just slow")
         ray.get(done)  # re-raises a rank's error now
     return ray.get(refs)
 
@@ -338,8 +343,9 @@ class LearnerGroup:
     """Driver-side handle of `cfg.ranks` learner actors forming one DeepSpeed group."""
 
     def __init__(self, model: str, model_cfg: ModelConfig, cfg: LearnerConfig, role: str = "policy",
-                 placement: PlacementConfig | None = None):
-        """model: a folder, HF id or bundled name, resolved by each rank on its own node."""
+                 placement: PlacementConfig | None = None, timeout_s: float = 1800):
+        """model: a folder, HF id or bundled name, resolved by each rank on its own node. timeout_s: the longest any
+        call on the ranks (start, train step, checkpoint, sync) may take before it is a TimeoutError naming it."""
         cfg.validate()
         lr_lambda(cfg)  # config errors surface here, before any actor starts
         if role not in ROLES:
@@ -347,7 +353,7 @@ class LearnerGroup:
         started = time.perf_counter()
         request = bundle(cfg.cpus_per_rank, gpus_for(model_cfg.device, cfg.gpus_per_rank), cfg.resources)
         self.placement = reserve(f"{role} learners", [request] * cfg.ranks, "PACK", placement or PlacementConfig())
-        self.actors = []
+        self.actors, self.role, self.timeout_s = [], role, timeout_s
         try:
             master_addr, master_port = self.rendezvous()  # the torch.distributed rendezvous lives on rank 0
             self.actors = [
@@ -356,7 +362,8 @@ class LearnerGroup:
                                            scheduling_strategy=in_bundle(self.placement, rank))
                 .remote(rank, cfg.ranks, master_addr, master_port, model, model_cfg, cfg, role)
                 for rank in range(cfg.ranks)]
-            self.rank_timings = _wait_all([actor.ready.remote() for actor in self.actors])
+            self.rank_timings = _wait_all([actor.ready.remote() for actor in self.actors], f"starting {role} learners",
+                                          timeout_s)
         except Exception:
             self.shutdown()
             raise
@@ -364,7 +371,8 @@ class LearnerGroup:
         self.cfg, self.role = cfg, role
 
     def _call(self, method: str, *args, **kwargs) -> list:
-        return _wait_all([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors])
+        return _wait_all([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors],
+                         f"{self.role} learners: {method}", self.timeout_s)
 
     @staticmethod
     def _ref(batch) -> ray.ObjectRef:
@@ -392,17 +400,21 @@ class LearnerGroup:
     def state_dict_ref(self, dtype: str | torch.dtype | None = None) -> ray.ObjectRef:
         """ObjectRef of rank 0's full state dict; the dict itself stays in the object store."""
         refs = [actor.state_dict_for_sync.remote(dtype) for actor in self.actors]
-        _wait_all(refs[1:])  # Nones; a rank-0 failure breaks their gather too, so it surfaces here
-        ray.wait(refs[:1], fetch_local=False)  # done, but not copied to the driver
+        # Nones; a rank-0 failure breaks their gather too, so it surfaces here
+        _wait_all(refs[1:], f"{self.role} learners: state_dict_for_sync", self.timeout_s)
+        done, _ = ray.wait(refs[:1], fetch_local=False, timeout=self.timeout_s)  # done, but not copied to the driver
+        if not done:
+            raise TimeoutError(f"{self.role} learners: state_dict_for_sync: rank 0 gave no answer within {self.timeout_s:g} s")
         return refs[0]
 
     def rendezvous(self) -> tuple[str, int]:
         """Rank 0's node IP and a port free there now (for a group that rank 0 hosts)."""
         probe = _address_and_free_port.options(scheduling_strategy=in_bundle(self.placement, 0))
-        return ray.get(probe.remote())
+        return _wait_all([probe.remote()], f"{self.role} learners: rendezvous probe", self.timeout_s)[0]
 
     def sync_plan(self, dtype: str, bucket_bytes: int) -> list:
-        return ray.get(self.actors[0].sync_plan.remote(dtype, bucket_bytes))
+        return _wait_all([self.actors[0].sync_plan.remote(dtype, bucket_bytes)], f"{self.role} learners: sync_plan",
+                         self.timeout_s)[0]
 
     def broadcast_weights_refs(self, plan: list, dtype: str) -> list[ray.ObjectRef]:
         """Every rank's part of a broadcast sync (the engines' receive_weights must run at the same time)."""

@@ -129,12 +129,14 @@ def uninterrupted(tiny_model_dir, local_ray, tmp_path_factory):
     return read_metrics(output / "metrics.jsonl")
 
 
-def test_a_dead_engine_and_a_dead_scorer_are_replaced_and_the_run_comes_out_the_same(tmp_path, tiny_model_dir,
-                                                                                   uninterrupted):
-    """Engine 0 crashes in step 1's rollout and scorer 0 in step 2's scoring: the engine is replaced (current
-    weights, parity-checked) and regenerates its prompts with the same seeds, Ray restarts the scorer and retries
-    its batch; every step's metrics equal the uninterrupted run's, and failures.jsonl records both."""
-    rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--faults.kill", "rollout_engines:0@1,scorers:0@2"))
+def test_a_dead_engine_a_wedged_engine_and_a_dead_scorer_are_replaced_and_the_run_comes_out_the_same(
+        tmp_path, tiny_model_dir, uninterrupted):
+    """Engine 0 crashes in step 1's rollout, its replacement wedges in step 2's (--faults.hang: no answer within
+    --faults.engine_timeout_s) and scorer 0 crashes in step 2's scoring: each engine is replaced (current weights,
+    parity-checked) and regenerates its prompts with the same seeds, Ray restarts the scorer and retries its batch;
+    every step's metrics equal the uninterrupted run's, and failures.jsonl records all three."""
+    rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--faults.kill", "rollout_engines:0@1,scorers:0@2",
+                        "--faults.hang", "rollout_engines:0@2", "--faults.engine_timeout_s", "20"))
     got = read_metrics(tmp_path / "metrics.jsonl")
     assert [m["step"] for m in got] == [m["step"] for m in uninterrupted] == [1, 2, 3]
     for expected, row in zip(uninterrupted, got):
@@ -143,10 +145,11 @@ def test_a_dead_engine_and_a_dead_scorer_are_replaced_and_the_run_comes_out_the_
                 assert row[key] == value, (row["step"], key)
     failures = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert [(f["actor"], f["step"], f["phase"], f["cause"], f["rows_redone"]) for f in failures] == [
-        ("rollout_engines_0", 1, "rollout", "died", 4), ("scorers_0", 2, "score", "died", 4)]
+        ("rollout_engines_0", 1, "rollout", "died", 4), ("rollout_engines_0", 2, "rollout", "no answer within 20 s", 4),
+        ("scorers_0", 2, "score", "died", 4)]
     assert all(f["recover_s"] > 0 for f in failures)
     assert ":actor_name:RolloutEngine" in (tmp_path / "logs" / "replacement_engines_0.log").read_text()  # its output kept
-    assert [m.get("faults/count") for m in got] == [None, 1.0, 1.0]  # the row of step s is logged as s + 1
+    assert [m.get("faults/count") for m in got] == [None, 1.0, 2.0]  # the row of step s is logged as s + 1
 
 
 def test_a_dead_engine_without_replacement_stops_the_run_naming_the_option(tmp_path, tiny_model_dir, local_ray):

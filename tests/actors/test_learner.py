@@ -191,3 +191,29 @@ def test_out_of_range_zero_stage_fails_before_any_actor(tiny_model_dir, local_ra
     with pytest.raises(ValueError, match=r"learner\.zero_stage"):
         LearnerGroup(tiny_model_dir, ModelConfig(name=tiny_model_dir), cfg)
     assert len(local_ray.util.placement_group_table()) == groups_before
+
+
+def test_a_call_a_rank_never_answers_is_a_timeout_naming_it_and_a_rank_error_comes_at_once(local_ray):
+    """_wait_all on stand-in rank calls (remote functions, not learners): all answer -> the results; one wedged ->
+    a TimeoutError naming the call after the timeout; one failing -> its error, without waiting for the wedged one."""
+    import time
+
+    from actors.learner import _wait_all
+
+    @ray.remote(num_cpus=0)
+    def rank_call(seconds: float, fail: bool = False):
+        if fail:
+            raise ValueError("rank 1 broke")
+        time.sleep(seconds)
+        return seconds
+
+    assert _wait_all([rank_call.remote(0), rank_call.remote(0.1)], "policy learners: train_step", 60) == [0, 0.1]
+    wedged = [rank_call.remote(600), rank_call.remote(600)]
+    try:
+        with pytest.raises(TimeoutError, match=r"policy learners: train_step: 1 of 2 learner ranks gave no answer within 2 s"):
+            _wait_all([rank_call.remote(0), wedged[0]], "policy learners: train_step", 2)
+        with pytest.raises(ValueError, match="rank 1 broke"):
+            _wait_all([wedged[1], rank_call.remote(0, fail=True)], "policy learners: train_step", 300)
+    finally:
+        for ref in wedged:
+            ray.cancel(ref, force=True)

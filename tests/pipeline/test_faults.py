@@ -48,3 +48,15 @@ def test_a_kill_fires_once_so_steps_redone_after_a_restart_do_not_hit_it_again()
     assert cfg.faults == [Fault("policy_learners", 1, 2, "train")]
     assert cfg.due("policy_learners", 2, "train") == [1]
     assert cfg.due("policy_learners", 2, "train") == []  # the redone step 2 after the restart
+
+
+def test_hang_specs_parse_for_the_roles_whose_silence_is_noticed():
+    cfg = FaultsConfig(kill=["rollout_engines:0@1"], hang=["rollout_engines:0@2", "policy_learners:1@2"])
+    assert cfg.faults[1:] == [Fault("rollout_engines", 0, 2, "rollout", "hang"), Fault("policy_learners", 1, 2, "train", "hang")]
+    assert cfg.due("rollout_engines", 1, "rollout", "hang") == [] and cfg.due("rollout_engines", 1, "rollout") == [0]
+    assert cfg.due("rollout_engines", 2, "rollout") == [] and cfg.due("rollout_engines", 2, "rollout", "hang") == [0]
+    with pytest.raises(ConfigError, match=r"--faults.hang 'scorers:0@1': role 'scorers' is not one of rollout_engines, "
+                                          r"policy_learners"):
+        FaultsConfig(hang=["scorers:0@1"])  # a wedged scorer is not recovered: its phase times out, naming it
+    with pytest.raises(ConfigError, match=r"--faults.hang 'policy_learners:2@1': the run has 2 policy_learners"):
+        check_faults(FaultsConfig(hang=["policy_learners:2@1"]), {"policy_learners": 2}, steps=3)
