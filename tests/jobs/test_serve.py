@@ -87,8 +87,14 @@ def launched(tiny_model_dir, tiny_sentence_rm_dir, tmp_path_factory):
     yield servers
     for server in servers.values():
         server.interrupt()
-    for server in servers.values():
-        server.stop()
+    stuck = []
+    for server in servers.values():  # every server is stopped, even after one that would not stop
+        try:
+            server.stop()
+        except AssertionError as e:
+            stuck.append(e)
+    if stuck:
+        raise stuck[0]
 
 
 @pytest.fixture(scope="module")
