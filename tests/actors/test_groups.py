@@ -239,3 +239,47 @@ def test_a_dead_learner_rank_restarts_every_actor_from_the_checkpoint_and_the_ru
     (failure,) = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert (failure["actor"], failure["step"], failure["phase"], failure["rows_redone"]) == ("policy_learners", 2, "train", 4)
     assert failure["recover_s"] > 0 and "from checkpoint step 2" in failure["replacement"]
+
+
+def test_a_driver_killed_mid_step_resumes_and_the_run_comes_out_the_same(tmp_path, tiny_model_dir, uninterrupted):
+    """kill -9 of the whole job (the driver's process group and every Ray process it started) about a second after
+    the first checkpoint is complete, which is inside the next step; then --resume: every step's metrics, as the
+    run log reads them back, equal the uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from pipeline.runlog import MARKER
+    from tests.ray_processes import kill, processes_with
+
+    args = tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--checkpoint_every", "1")
+    tag = uuid.uuid4().hex  # in the environment of the driver and of every Ray process it starts
+    log = open(tmp_path / "killed_driver.log", "w")
+    # its own embedded Ray, with the logical CPUs the test Ray has (the actors ask for more than the 2 cores)
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.rlhf", *args, "--ray.num_cpus", "8"], stdout=log,
+                              stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", "ENDORL_TEST_DRIVER": tag}, start_new_session=True)
+    marker = tmp_path / "checkpoints" / "step_000001" / MARKER
+    deadline = time.monotonic() + 600
+    while not marker.exists():
+        if driver.poll() is not None or time.monotonic() > deadline:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+            kill(processes_with([tag]))
+            raise AssertionError(f"no checkpoint: {(tmp_path / 'killed_driver.log').read_text()[-3000:]}")
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert driver.poll() is None, "the run ended before it could be killed"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    kill(processes_with([tag]))  # its embedded Ray, as a killed job's node would lose it
+
+    rlhf.main([*args, "--resume"])
+    got = read_metrics(tmp_path / "metrics.jsonl")
+    assert [m["step"] for m in got] == [m["step"] for m in uninterrupted] == [1, 2, 3]
+    for expected, row in zip(uninterrupted, got):
+        for key, value in expected.items():
+            if not key.startswith(TIME_KEYS):
+                assert row[key] == value, (row["step"], key)
+    assert '{"resumed_from": ' in (tmp_path / "metrics.jsonl").read_text()
