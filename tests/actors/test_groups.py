@@ -22,6 +22,15 @@ def tiny_args(model_dir, output, *extra):
             "--sync_check_every", "1", "--checkpoint_every", "1", "--storage", str(output), *extra]
 
 
+def assert_same_metrics(expected_rows: list[dict], rows: list[dict]) -> None:
+    """The same steps, and every metric of each step exactly equal, times aside."""
+    assert [m["step"] for m in rows] == [m["step"] for m in expected_rows] == [1, 2, 3]
+    for expected, row in zip(expected_rows, rows):
+        for key, value in expected.items():
+            if not key.startswith(TIME_KEYS):
+                assert row[key] == value, (row["step"], key)
+
+
 def read_metrics(path):
     from pipeline.runlog import metrics_history
     return metrics_history(open(path).read())  # the rows as a resumed run sees them (resume markers applied)
@@ -138,11 +147,7 @@ def test_a_dead_engine_a_wedged_engine_and_a_dead_scorer_are_replaced_and_the_ru
     rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--faults.kill", "rollout_engines:0@1,scorers:0@2",
                         "--faults.hang", "rollout_engines:0@2", "--faults.engine_timeout_s", "20"))
     got = read_metrics(tmp_path / "metrics.jsonl")
-    assert [m["step"] for m in got] == [m["step"] for m in uninterrupted] == [1, 2, 3]
-    for expected, row in zip(uninterrupted, got):
-        for key, value in expected.items():
-            if not key.startswith(TIME_KEYS):
-                assert row[key] == value, (row["step"], key)
+    assert_same_metrics(uninterrupted, got)
     failures = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert [(f["actor"], f["step"], f["phase"], f["cause"], f["rows_redone"]) for f in failures] == [
         ("rollout_engines_0", 1, "rollout", "died", 4), ("rollout_engines_0", 2, "rollout", "no answer within 20 s", 4),
@@ -230,11 +235,7 @@ def test_a_dead_learner_rank_restarts_every_actor_from_the_checkpoint_and_the_ru
     rlhf.main(tiny_args(tiny_model_dir, tmp_path, *FAULT_RUN, "--checkpoint_every", "1",
                         "--faults.kill", "policy_learners:1@2"))
     got = read_metrics(tmp_path / "metrics.jsonl")  # the resume marker drops nothing here: step 3 never finished
-    assert [m["step"] for m in got] == [1, 2, 3]
-    for expected, row in zip(uninterrupted, got):
-        for key, value in expected.items():
-            if not key.startswith(TIME_KEYS):
-                assert row[key] == value, (row["step"], key)
+    assert_same_metrics(uninterrupted, got)
     assert '{"resumed_from": 2}' in (tmp_path / "metrics.jsonl").read_text()
     (failure,) = [json.loads(line) for line in (tmp_path / "failures.jsonl").read_text().splitlines()]
     assert (failure["actor"], failure["step"], failure["phase"], failure["rows_redone"]) == ("policy_learners", 2, "train", 4)
@@ -277,9 +278,5 @@ def test_a_driver_killed_mid_step_resumes_and_the_run_comes_out_the_same(tmp_pat
 
     rlhf.main([*args, "--resume"])
     got = read_metrics(tmp_path / "metrics.jsonl")
-    assert [m["step"] for m in got] == [m["step"] for m in uninterrupted] == [1, 2, 3]
-    for expected, row in zip(uninterrupted, got):
-        for key, value in expected.items():
-            if not key.startswith(TIME_KEYS):
-                assert row[key] == value, (row["step"], key)
+    assert_same_metrics(uninterrupted, got)
     assert '{"resumed_from": ' in (tmp_path / "metrics.jsonl").read_text()
