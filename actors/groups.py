@@ -164,6 +164,13 @@ class RLWorkers:
         return {role: get([actor.precision.remote() for actor in actors], "precision", self.cfg.wait_timeout_s)
                 for role, actors in roles.items()}
 
+    def inject_faults(self, role: str, step, phase: str, actors: list) -> None:
+        """--faults.kill and --faults.hang (testing hooks): crash or wedge the `role` actors due at this step's phase."""
+        for i in self.cfg.faults.due(role, step, phase):
+            crash(actors[i])
+        for i in self.cfg.faults.due(role, step, phase, "hang"):
+            wedge(actors[i])
+
     def generate(self, prompts: pa.Table, step: int | str, n_samples: int) -> list:
         """Prompts split across engines in contiguous shards (a prompt's samples stay together). Every sample has
         its own seed, hashed from (run seed, step, prompt id, sample index): the rollout does not depend on the split,
@@ -176,10 +183,7 @@ class RLWorkers:
                                                    seeds=[seeds[j] for j in shards[i]])
 
         self.step, self.shard_rows = step, [len(idx) * n_samples for idx in shards.values()]
-        for i in self.cfg.faults.due("rollout_engines", step, "rollout"):
-            crash(self.engines[i])
-        for i in self.cfg.faults.due("rollout_engines", step, "rollout", "hang"):
-            wedge(self.engines[i])
+        self.inject_faults("rollout_engines", step, "rollout", self.engines)
         calls, lost, replacements = {i: call(i) for i in shards}, {}, 0
         while failed := self.lost_engines(calls, step):
             replacements += len(failed)
@@ -274,10 +278,7 @@ class RLWorkers:
         return experience, get(metrics, "experience", self.cfg.wait_timeout_s)
 
     def train(self, experience_ref) -> dict:
-        for i in self.cfg.faults.due("policy_learners", self.step, "train"):
-            crash(self.learner.actors[i])
-        for i in self.cfg.faults.due("policy_learners", self.step, "train", "hang"):
-            wedge(self.learner.actors[i])
+        self.inject_faults("policy_learners", self.step, "train", self.learner.actors)
         try:
             policy = self.learner.train_step(experience_ref, self.cfg.rollout.temperature)
         except ray.exceptions.RayActorError as e:  # a rank died: the group's collectives cannot go on

@@ -368,7 +368,7 @@ class LearnerGroup:
             self.shutdown()
             raise
         self.start_s = time.perf_counter() - started
-        self.cfg, self.role = cfg, role
+        self.cfg = cfg
 
     def _call(self, method: str, *args, **kwargs) -> list:
         return _wait_all([getattr(actor, method).remote(*args, **kwargs) for actor in self.actors],
