@@ -70,6 +70,14 @@ def worker_env(cfg: RayConfig, device: str = "cpu") -> dict[str, str]:
     return env
 
 
+# Every worker's setup hook: torch imported whole before the worker runs anything. Ray loads an actor's class and
+# unpickles its arguments in different threads; two threads importing torch at once can see it half-initialised
+# ("partially initialized module 'torch' has no attribute 'library'"), which killed a scorer at start on the fake
+# autoscaling cluster, whose new nodes start several workers at once on 2 cores. A lambda, so Ray ships it by value:
+# the hook runs before a local-mode worker can import this project's packages.
+IMPORT_TORCH_FIRST = lambda: __import__("torch")  # noqa: E731
+
+
 def job_runtime_env(environ: dict | None = None) -> dict:
     """The runtime env `ray job submit` gave this driver ({} when it was not submitted as a job)."""
     environ = os.environ if environ is None else environ
@@ -84,6 +92,8 @@ def cluster_runtime_env(cfg: RayConfig, device: str, job_env: dict) -> dict:
     job's own env_vars win; a driver not started by `ray job submit --working-dir` ships the project's code."""
     env_vars = {k: v for k, v in worker_env(cfg, device).items() if k not in (job_env.get("env_vars") or {})}
     runtime_env = {"env_vars": env_vars}
+    if not job_env.get("worker_process_setup_hook"):
+        runtime_env["worker_process_setup_hook"] = IMPORT_TORCH_FIRST
     if not job_env.get("working_dir") and not job_env.get("py_modules"):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         runtime_env["py_modules"] = [os.path.join(root, package) for package in PACKAGES]
@@ -99,7 +109,7 @@ def init_ray(cfg: RayConfig, device: str = "cpu") -> None:
         print(f"local mode: starting an embedded single-node Ray ({cpus} logical CPUs); any other Ray on this "
               f"machine is left alone", flush=True)
         ray.init(address="local", num_cpus=cpus, include_dashboard=cfg.dashboard, log_to_driver=cfg.log_to_driver,
-                 runtime_env={"env_vars": worker_env(cfg, device)})
+                 runtime_env={"env_vars": worker_env(cfg, device), "worker_process_setup_hook": IMPORT_TORCH_FIRST})
         return
     ray.init(address=cfg.address or None, log_to_driver=cfg.log_to_driver,
              runtime_env=cluster_runtime_env(cfg, device, job_runtime_env()))

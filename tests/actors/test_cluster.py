@@ -67,6 +67,10 @@ def test_a_submitted_job_keeps_its_code_and_its_own_env_vars():
     # a driver started by hand against a cluster ships the project's packages to every node
     by_hand = cluster_runtime_env(RayConfig(), "cpu", {})
     assert sorted(os.path.basename(p) for p in by_hand["py_modules"]) == ["actors", "jobs", "pipeline"]
+    # every worker imports torch before it runs anything (two threads importing it at once see it half-made);
+    # a job's own setup hook is kept (Ray refuses the key set twice)
+    assert env["worker_process_setup_hook"] is cluster.IMPORT_TORCH_FIRST
+    assert "worker_process_setup_hook" not in cluster_runtime_env(RayConfig(), "cpu", {"worker_process_setup_hook": "m.f"})
 
 
 def test_job_runtime_env_is_read_from_what_ray_job_submit_sets():
