@@ -23,7 +23,7 @@ from actors.base_model import BaseModelActor
 from actors.learner import LearnerGroup
 from actors.placement import bundle, gpus_for, in_bundle, node_of, reserve
 from actors.remote_reward import RemoteRewardActor
-from actors.rollout import start_engine, start_rollout_engines
+from actors.engines import EnginePool
 from actors.sentence_rm import SentenceRMActor
 from pipeline.arrow import parquet_bytes, ragged_to_numpy
 from pipeline.driver import check_parity, sync_check_tolerance
@@ -97,17 +97,13 @@ class RLWorkers:
 
     def __init__(self, cfg):
         """Every actor resolves cfg.model.name on its own node; nothing of the driver's disk is handed out."""
-        self.cfg, self.groups, self.engines, self.scorers, self.sentence_rm = cfg, [], [], [], None
+        self.cfg, self.groups, self.pool, self.scorers, self.sentence_rm = cfg, [], None, [], None
         self.failures, self.step, self.shard_rows = [], None, []  # Failure records; the step and rows in flight
-        self.replaced = []  # where each replacement engine runs (node_of records), for its log in STORAGE/logs/
         self.remote_reward = None
         self.learner = self.critic = self.batch_ops = None
         device, model = cfg.model.device, cfg.model.name
         try:
-            self.engines, engine_group = start_rollout_engines(model, cfg.rollout_dtype, device, cfg.rollout, cfg.ray,
-                                                               cfg.placement, cfg.model.cache_dir)
-            self.groups.append(engine_group)
-            self.engine_group = engine_group  # a replacement engine takes the dead one's bundle
+            self.pool = EnginePool(cfg)  # actors/engines.py: fixed or elastic, replaced or dropped when lost
             scorer = bundle(cfg.scorer_cpus, gpus_for(device, cfg.scorer_gpus), cfg.scorer_resources)
             roles = [("scorers", scorer, cfg.scorers)]
             if cfg.advantage.sentence_rm_weight:
@@ -140,7 +136,17 @@ class RLWorkers:
         except Exception:
             self.shutdown()
             raise
-        self.last_batch, self.sync_members, self.sync_plan = None, [], None
+        self.last_batch, self.last_prompts, self.sync_members, self.sync_plan = None, None, [], None
+
+    @property
+    def engines(self) -> list:
+        """The rollout engines sampling now (an elastic run's count changes between steps)."""
+        return self.pool.actors if self.pool else []
+
+    @property
+    def replaced(self) -> list[dict]:
+        """Where every engine started after the first ones runs (replacements, elastic additions), for its log."""
+        return self.pool.later if self.pool else []
 
     def scoring_actors(self) -> list:
         return self.scorers + ([self.sentence_rm] if self.sentence_rm else [])
@@ -172,61 +178,78 @@ class RLWorkers:
             wedge(actors[i])
 
     def generate(self, prompts: pa.Table, step: int | str, n_samples: int) -> list:
-        """Prompts split across engines in contiguous shards (a prompt's samples stay together). Every sample has
-        its own seed, hashed from (run seed, step, prompt id, sample index): the rollout does not depend on the split,
-        so a dead engine's shard, generated again on its replacement, comes out as it would have."""
+        """Prompts split across the engines alive at the start of the step, in contiguous shards (a prompt's samples
+        stay together). Every sample has its own seed, hashed from (run seed, step, prompt id, sample index): the
+        rollout does not depend on the split, so a lost engine's shard, generated again on its replacement or (elastic)
+        on the engines that remain, comes out as it would have."""
+        if self.cfg.rollout.elastic:
+            self.admit_engines([e.actor for e in self.pool.grow()], prompts, "added engine")
         seeds = prompt_seeds(self.cfg.seed, step, prompts["prompt_id"].to_pylist(), n_samples)
-        shards = {i: idx for i, idx in enumerate(np.array_split(np.arange(prompts.num_rows), len(self.engines))) if len(idx)}
+        self.last_prompts, engines = prompts, self.engines
+        shards = [idx for idx in np.array_split(np.arange(prompts.num_rows), len(engines)) if len(idx)]
+        owner = dict(enumerate(engines[:len(shards)]))  # shard -> the engine generating it
 
-        def call(i):
-            return self.engines[i].generate.remote(prompts.take(shards[i]), n_samples=n_samples,
-                                                   seeds=[seeds[j] for j in shards[i]])
+        def call(s):
+            return owner[s].generate.remote(prompts.take(shards[s]), n_samples=n_samples,
+                                            seeds=[seeds[j] for j in shards[s]])
 
-        self.step, self.shard_rows = step, [len(idx) * n_samples for idx in shards.values()]
-        self.inject_faults("rollout_engines", step, "rollout", self.engines)
-        calls, lost, replacements = {i: call(i) for i in shards}, {}, 0
-        while failed := self.lost_engines(calls, step):
+        self.step, self.shard_rows = step, [len(idx) * n_samples for idx in shards]
+        self.inject_faults("rollout_engines", step, "rollout", engines)
+        calls, lost, replacements = {s: call(s) for s in owner}, {}, 0
+        names = {actor: f"rollout_engines_{i}" for i, actor in enumerate(engines)}  # in failures.jsonl
+        while failed := self.lost_engines(calls, owner, step):
             replacements += len(failed)
             if replacements > self.cfg.faults.max_replacements:
-                raise RuntimeError(f"rollout at step {step}: engine(s) {failed} after {replacements - len(failed)} "
-                                   f"replacements, --faults.max_replacements is {self.cfg.faults.max_replacements}. "
-                                   f"Fix: raise it, or look at the engines' logs in STORAGE/logs/")
-            for i, cause in failed.items():
-                lost.setdefault(i, (cause, time.perf_counter()))
-            self.replace_engines(list(failed), prompts)
-            calls.update({i: call(i) for i in failed})  # the same prompts and seeds
-        for i, (cause, noticed) in lost.items():
-            self.failures.append(Failure(f"rollout_engines_{i}", step, "rollout", cause, time.perf_counter() - noticed,
-                                         len(shards[i]) * n_samples, self.engines[i]._actor_id.hex()))
-        return [calls[i] for i in sorted(calls)]
+                named = {self.engines.index(actor): cause for actor, cause in failed.items()}
+                raise RuntimeError(f"rollout at step {step}: engine(s) {named} after "
+                                   f"{replacements - len(failed)} replacements, --faults.max_replacements is "
+                                   f"{self.cfg.faults.max_replacements}. Fix: raise it, or look at the engines' logs "
+                                   f"in STORAGE/logs/")
+            new = {actor: self.pool.lose(actor) for actor in failed}  # None: dropped (elastic, more than min left)
+            self.admit_engines([e.actor for e in new.values() if e], prompts, "replacement engine")
+            survivors = self.engines
+            for k, s in enumerate([s for s in owner if owner[s] in failed]):
+                dead = owner[s]
+                lost.setdefault(names[dead], (failed[dead], time.perf_counter(), []))[2].append(s)
+                owner[s] = new[dead].actor if new[dead] else survivors[k % len(survivors)]
+                names.setdefault(owner[s], names[dead])  # a replacement is known by the name of the engine it replaces
+                calls[s] = call(s)  # the same prompts and seeds
+        for name, (cause, noticed, redone) in lost.items():
+            now_on = ", ".join(sorted({owner[s]._actor_id.hex() for s in redone}))
+            self.failures.append(Failure(name, step, "rollout", cause, time.perf_counter() - noticed,
+                                         sum(len(shards[s]) for s in redone) * n_samples, now_on))
+        return [calls[s] for s in sorted(calls)]
 
-    def lost_engines(self, calls: dict, step) -> dict[int, str]:
-        """Engine index -> why its call is lost: it died, or gave no answer within --faults.engine_timeout_s."""
+    def lost_engines(self, calls: dict, owner: dict, step) -> dict:
+        """Engine handle -> why its calls are lost: it died, or gave no answer within --faults.engine_timeout_s."""
         timeout = self.cfg.faults.engine_timeout_s or self.cfg.wait_timeout_s
         done, _ = ray.wait(list(calls.values()), num_returns=len(calls), fetch_local=False, timeout=timeout)
-        lost = {i: "died" if ref in done else f"no answer within {timeout:g} s" for i, ref in calls.items()
-                if ref not in done or not alive(self.engines[i], self.cfg.wait_timeout_s)}
+        lost = {}
+        for s, ref in calls.items():
+            if owner[s] not in lost and (ref not in done or not alive(owner[s], self.cfg.wait_timeout_s)):
+                lost[owner[s]] = "died" if ref in done else f"no answer within {timeout:g} s"
         if lost and not self.cfg.faults.replace_engines:
-            raise RuntimeError(f"rollout at step {step}: engine(s) {lost} and --faults.replace_engines is false. "
+            named = {self.engines.index(actor): cause for actor, cause in lost.items()}
+            raise RuntimeError(f"rollout at step {step}: engine(s) {named} and --faults.replace_engines is false. "
                                f"Fix: --faults.replace_engines true, or look at the engine's log in STORAGE/logs/")
         return lost
 
-    def replace_engines(self, indexes: list[int], prompts: pa.Table) -> None:
-        """New engines in the bundles of `indexes`, started together; then the weight sync, re-run for every engine
-        (the others get the weights they hold), and each new one's log-prob parity with the learners."""
+    def admit_engines(self, actors: list, prompts: pa.Table, what: str) -> None:
+        """New engines (replacements, or elastic ones that joined) get the current weights before they sample: the
+        weight sync, re-run for every engine (a new group; the others get the weights they hold), then each new
+        one's log-prob parity with the learners."""
+        if not actors:
+            return
         cfg = self.cfg
-        for i in indexes:
-            ray.kill(self.engines[i])  # a wedged one frees its bundle; a dead one: nothing to do
-            self.engines[i] = start_engine(cfg.model.name, cfg.rollout_dtype, cfg.model.device, cfg.rollout, cfg.ray,
-                                           self.engine_group, i, cfg.model.cache_dir)
-        wait([self.engines[i].__ray_ready__.remote() for i in indexes], f"starting replacement rollout engines {indexes}",
-             cfg.wait_timeout_s)
-        self.replaced += get([node_of(self.engines[i]) for i in indexes], "nodes", cfg.wait_timeout_s)
+        wait([actor.__ray_ready__.remote() for actor in actors], f"starting {what}s", cfg.wait_timeout_s)
+        self.pool.note_started(actors)
         self.sync_weights()
+        if self.last_batch is None and prompts is None:  # a resume's first sync: no batch or prompts to probe yet
+            return
         probe = prompt_probe(ragged_to_numpy(prompts["prompt_ids"])) if self.last_batch is None else None
-        for i in indexes:
-            check_parity(self.check_sync(engine=i, probe=probe), sync_check_tolerance(cfg, self.precision),
-                         f"replacement engine {i}")
+        for actor in actors:
+            i = self.engines.index(actor)
+            check_parity(self.check_sync(engine=i, probe=probe), sync_check_tolerance(cfg, self.precision), f"{what} {i}")
 
     def score(self, rollout_refs: list) -> ray.ObjectRef:
         """Endogenous rewards + reference log-probs (one forward pass) per shard, then the sentence RM's dense
@@ -295,13 +318,24 @@ class RLWorkers:
 
     def sync_weights(self) -> float:
         """Learner -> every engine: buckets broadcast over a torch.distributed group (--sync.mode broadcast), or
-        rank 0's full state dict through the object store (--sync.mode object_store, the fallback); seconds."""
+        rank 0's full state dict through the object store (--sync.mode object_store, the fallback); seconds.
+        An engine lost since its last call is dropped or replaced first: a collective cannot wait for it. One lost
+        during the broadcast breaks the collective on every member: the run restarts from its newest checkpoint."""
+        self.drop_lost_engines()
+        try:
+            return self.broadcast_weights()
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            raise LearnerGroupFailed(f"the weight sync at step {self.step} broke ({str(e).splitlines()[0][:200]}); "
+                                     f"an engine or learner rank 0 was lost during the broadcast", self.step,
+                                     "broadcast broke", actor="weight_sync", phase="sync") from e
+
+    def broadcast_weights(self) -> float:
         dtype = sync_dtype(self.precision["rollout_engines"])  # bf16 when every engine runs bf16: half the bytes
         if self.cfg.sync.mode == "object_store":
             state_ref = self.learner.state_dict_ref(dtype)
             return max(get([engine.load_weights.remote(state_ref) for engine in self.engines],
                            "sync (engine load_weights)", self.cfg.wait_timeout_s))
-        if self.sync_members != self.engines:  # the first sync, or an engine was replaced: a new group
+        if self.sync_members != self.engines:  # the first sync, or the engines changed: a new group
             self.sync_plan = self.learner.sync_plan(dtype, int(self.cfg.sync.bucket_mb * 2 ** 20))
             address, port = self.learner.rendezvous()
             world, timeout = len(self.engines) + 1, self.cfg.wait_timeout_s
@@ -312,6 +346,20 @@ class RLWorkers:
         refs = (self.learner.broadcast_weights_refs(self.sync_plan, dtype)
                 + [engine.receive_weights.remote(self.sync_plan, dtype) for engine in self.engines])
         return max(get(refs, "sync (bucketed broadcast)", self.cfg.wait_timeout_s))
+
+    def drop_lost_engines(self) -> None:
+        """Engines that died since their last call (a node lost between rollouts): dropped while an elastic run
+        keeps its minimum, else replaced; nothing of theirs is redone (their rollouts were done)."""
+        started = time.perf_counter()
+        lost = [(i, actor) for i, actor in enumerate(self.engines) if not alive(actor, self.cfg.wait_timeout_s)]
+        if lost and not self.cfg.faults.replace_engines:
+            raise RuntimeError(f"before the weight sync at step {self.step}: engine(s) {[i for i, _ in lost]} died and "
+                               f"--faults.replace_engines is false. Fix: --faults.replace_engines true")
+        new = [self.pool.lose(actor) for _, actor in lost]
+        self.admit_engines([engine.actor for engine in new if engine], self.last_prompts, "replacement engine")
+        for (i, _), engine in zip(lost, new):
+            self.failures.append(Failure(f"rollout_engines_{i}", self.step, "sync", "died", time.perf_counter() - started,
+                                         0, engine.actor._actor_id.hex() if engine else "dropped"))
 
     def check_sync(self, rows: int = 2, engine: int = 0, probe: pa.Table | None = None) -> float:
         """Max |log-prob difference| between an engine and the learners on the last batch's first rows (or `probe`)."""
@@ -364,7 +412,9 @@ class RLWorkers:
         for group in (self.learner, self.critic):
             if group:
                 group.shutdown()
-        for actor in self.engines + self.scorers + [a for a in (self.sentence_rm, self.batch_ops, self.remote_reward) if a]:
+        if self.pool:
+            self.pool.shutdown()
+        for actor in self.scorers + [a for a in (self.sentence_rm, self.batch_ops, self.remote_reward) if a]:
             ray.kill(actor)
         for group in self.groups:
             remove_placement_group(group)

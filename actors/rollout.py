@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from ray.util.placement_group import placement_group
 
 from actors.cluster import RayConfig
 from actors.placement import PlacementConfig, bundle, gpus_for, in_bundle, reserve
@@ -140,20 +141,39 @@ def engine_request(device: str, cfg: RolloutConfig) -> dict[str, float]:
     return bundle(cfg.cpus_per_engine, gpus_for(device, cfg.gpus_per_engine), cfg.resources)
 
 
-def start_engine(model: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig, group, index: int,
+def start_engine(model: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig, slot: tuple, index: int,
                  cache_dir: str = "~/.cache/endorl"):
-    """Engine `index` in bundle `index` of `group`: at the start, and again for a replacement (same seed, same cores)."""
+    """Engine `index` (its seed and cores) in `slot` = (placement group, bundle index): at the start, again for a
+    replacement (same slot, same index), or for an elastic engine added later."""
     request = engine_request(device, cfg)
     parts = ray_cfg.vllm_cpu_threads.split("|") if ray_cfg.vllm_cpu_threads else [""]
     return (RolloutActor.options(num_cpus=request["CPU"], num_gpus=request.get("GPU", 0),
                                  resources={k: v for k, v in request.items() if k not in ("CPU", "GPU")},
-                                 scheduling_strategy=in_bundle(group, index))
+                                 scheduling_strategy=in_bundle(*slot))
             .remote(model, dtype, device, cfg, index, cache_dir, parts[index % len(parts)]))
+
+
+def reserve_engine_slots(device: str, cfg: RolloutConfig, placement: PlacementConfig) -> list[tuple]:
+    """(placement group, bundle index) of each of the cfg.min_engines engines to start with, ready. Fixed engines
+    share one SPREAD group. Elastic ones have a group each (Ray cannot grow or shrink a group, and an engine must be
+    dropped or added alone), so Ray's default placement decides their nodes, not SPREAD."""
+    if not cfg.elastic:
+        group = reserve("rollout engines", [engine_request(device, cfg)] * cfg.min_engines, "SPREAD", placement)
+        return [(group, i) for i in range(cfg.min_engines)]
+    return [(reserve("rollout engine", [engine_request(device, cfg)], "PACK", placement), 0)
+            for _ in range(cfg.min_engines)]
+
+
+def request_engine_slot(device: str, cfg: RolloutConfig):
+    """A placement group for one more elastic engine, not waited for: while it is pending it is demand that an
+    autoscaler sees and adds a node for."""
+    return placement_group([engine_request(device, cfg)], name="endorl-rollout-engine")
 
 
 def start_rollout_engines(model: str, dtype: str, device: str, cfg: RolloutConfig, ray_cfg: RayConfig,
                           placement: PlacementConfig, cache_dir: str = "~/.cache/endorl") -> tuple[list, object]:
-    """cfg.engines RolloutActors spread over the nodes, each with its own seed; returns (actors, placement group).
-    On CPU, --ray.vllm_cpu_threads "0-1|2-3" gives engine i the i-th part; empty = per-node blocks of cores."""
-    group = reserve("rollout engines", [engine_request(device, cfg)] * cfg.engines, "SPREAD", placement)
-    return [start_engine(model, dtype, device, cfg, ray_cfg, group, i, cache_dir) for i in range(cfg.engines)], group
+    """cfg.min_engines RolloutActors spread over the nodes, each with its own seed; returns (actors, placement
+    group). On CPU, --ray.vllm_cpu_threads "0-1|2-3" gives engine i the i-th part; empty = per-node blocks of cores."""
+    group = reserve("rollout engines", [engine_request(device, cfg)] * cfg.min_engines, "SPREAD", placement)
+    return [start_engine(model, dtype, device, cfg, ray_cfg, (group, i), i, cache_dir)
+            for i in range(cfg.min_engines)], group

@@ -160,6 +160,9 @@ def best_of_n(cfg: BoNConfig) -> str:
     weights = {"endogenous": cfg.endogenous_weight if cfg.reward == "both" else 1.0,
                "sentence_rm": cfg.sentence_rm_weight if cfg.reward == "both" else 1.0}
 
+    if cfg.rollout.elastic:
+        raise SystemExit(f"--rollout.engines {cfg.rollout.engines}: a range is for RL runs (jobs.rlhf); best-of-n "
+                         f"takes a fixed count. Fix: --rollout.engines {cfg.rollout.max_engines}")
     init_ray(cfg.ray, cfg.model.device)
     from actors.base_model import BaseModelActor  # imported once the config is known good
     from actors.rollout import start_rollout_engines

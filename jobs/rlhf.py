@@ -116,7 +116,7 @@ def check_config(cfg: RLConfig, prompt_count: int, heldout_count: int, local: bo
     except ValueError as e:
         raise SystemExit(str(e))
     try:
-        check_faults(cfg.faults, {"rollout_engines": cfg.rollout.engines, "scorers": cfg.scorers,
+        check_faults(cfg.faults, {"rollout_engines": cfg.rollout.min_engines, "scorers": cfg.scorers,
                                   "policy_learners": cfg.learner.ranks}, cfg.steps)
     except ValueError as e:
         raise SystemExit(str(e))
@@ -215,7 +215,7 @@ def run(cfg: RLConfig, train_prompts, heldout_prompts) -> list[dict]:
             logger.warning(message)
             print(message, file=sys.stderr, flush=True)
             redone = (e.step - (resume[1] if resume else 0) + 1) * cfg.prompts_per_step * cfg.rollout.n_samples
-            restart = Failure("policy_learners", e.step, "train", e.cause, 0.0, redone, f"all actors, from {where}"), \
+            restart = Failure(e.actor, e.step, e.phase, e.cause, 0.0, redone, f"all actors, from {where}"), \
                 time.perf_counter()
     history = log.history()
     plot_curves(history, log.storage)

@@ -123,6 +123,7 @@ def rl_loop(cfg, workers: Workers, train_prompts: pa.Table, heldout_prompts: pa.
         batch = prompt_batch(train_prompts, step, cfg.prompts_per_step, cfg.seed)
         with timer("rollout"):
             rollouts = workers.generate(batch, step=step, n_samples=cfg.rollout.n_samples)
+        metrics["rollout/engines"] = float(len(rollouts))  # the engines this batch was split over (elastic: changes)
         with timer("score"):
             scored = workers.score(rollouts)
         with timer("values"):

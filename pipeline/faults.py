@@ -94,12 +94,13 @@ class FaultsConfig:
 
 
 class LearnerGroupFailed(RuntimeError):
-    """A learner rank died (or gave no answer) at `step`: its group cannot go on, every actor is restarted from the
-    newest checkpoint."""
+    """A learner rank died (or gave no answer) at `step`, or a weight broadcast it hosts broke: its group cannot go
+    on, every actor is restarted from the newest checkpoint. `actor` and `phase` name it in failures.jsonl."""
 
-    def __init__(self, message: str, step: int, cause: str = "died"):
+    def __init__(self, message: str, step: int, cause: str = "died", actor: str = "policy_learners",
+                 phase: str = "train"):
         super().__init__(message)
-        self.step, self.cause = step, cause
+        self.step, self.cause, self.actor, self.phase = step, cause, actor, phase
 
 
 @dataclasses.dataclass

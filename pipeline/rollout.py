@@ -37,9 +37,23 @@ from pipeline.config import opt
 LOGPROBS_MODE = "processed_logprobs"  # vLLM engine arg: logprobs after temperature and top-p (module docstring)
 
 
+def engine_range(engines: int | str) -> tuple[int, int]:
+    """rollout.engines -> (min, max): N is (N, N); "MIN..MAX" an elastic range."""
+    low, dots, high = str(engines).partition("..")
+    try:
+        low_n, high_n = int(low), int(high if dots else low)
+    except ValueError:
+        low_n = high_n = 0
+    if not 1 <= low_n <= high_n:
+        raise ValueError(f"rollout.engines must be N >= 1 or MIN..MAX with 1 <= MIN <= MAX, got {engines!r}. "
+                         f"Fix: --rollout.engines 2, or --rollout.engines 1..4")
+    return low_n, high_n
+
+
 @dataclasses.dataclass
 class RolloutConfig:
-    engines: int = opt(1, "vLLM engine replicas (one Ray actor each)")
+    engines: int | str = opt(1, "vLLM engine replicas (one Ray actor each): N, or MIN..MAX (elastic: engines are added "
+                                "while the cluster has room, up to MAX, and a lost one is dropped while MIN remain)")
     n_samples: int = opt(4, "responses sampled per prompt (adjacent rows in the rollout table)")
     temperature: float = opt(1.0, "sampling temperature; the learner divides its logits by the same value")
     top_p: float = opt(1.0, "nucleus sampling; keep 1.0 for PPO (with < 1 the old log-probs are of the truncated "
@@ -55,8 +69,8 @@ class RolloutConfig:
     enforce_eager: bool = opt(True, "no CUDA graphs / compilation: faster start, slower decode on GPU")
 
     def __post_init__(self):
+        self.min_engines, self.max_engines = engine_range(self.engines)
         checks = [
-            (self.engines >= 1, "engines", "must be >= 1", "--rollout.engines 1"),
             (self.n_samples >= 1, "n_samples", "must be >= 1", "--rollout.n_samples 4"),
             (self.temperature > 0, "temperature", "must be > 0 (greedy decoding has no usable log-probs for PPO)",
              "--rollout.temperature 1.0"),
@@ -71,6 +85,10 @@ class RolloutConfig:
         for ok, name, rule, fix in checks:
             if not ok:
                 raise ValueError(f"rollout.{name} {rule}, got {getattr(self, name)!r}. Fix: {fix}")
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_engines > self.min_engines
 
     def check_fits(self, window: int) -> None:
         """Stop a job whose longest prompt + response cannot fit the model's window."""

@@ -179,20 +179,22 @@ def test_an_engine_call_is_lost_when_its_engine_died_or_gave_no_answer_in_time(l
             time.sleep(seconds)
             return seconds
 
-    workers = RLWorkers.__new__(RLWorkers)  # only what lost_engines reads: the config and the engines
+    workers = RLWorkers.__new__(RLWorkers)  # only what lost_engines reads: the config and the engines (the pool's)
     workers.cfg = SimpleNamespace(wait_timeout_s=60, faults=FaultsConfig(engine_timeout_s=2))
-    workers.engines = [Engine.remote() for _ in range(3)]
+    engines = [Engine.remote() for _ in range(3)]
+    workers.pool = SimpleNamespace(actors=engines)
     try:
-        get([engine.__ray_ready__.remote() for engine in workers.engines], "stand-in engines", 120)
-        crash(workers.engines[1])
-        calls = {i: engine.generate.remote(seconds) for i, (engine, seconds) in enumerate(zip(workers.engines, (0, 0, 600)))}
-        assert workers.lost_engines(calls, step=1) == {1: "died", 2: "no answer within 2 s"}
+        get([engine.__ray_ready__.remote() for engine in engines], "stand-in engines", 120)
+        crash(engines[1])
+        calls = {i: engine.generate.remote(seconds) for i, (engine, seconds) in enumerate(zip(engines, (0, 0, 600)))}
+        owner = dict(enumerate(engines))  # shard i on engine i
+        assert workers.lost_engines(calls, owner, step=1) == {engines[1]: "died", engines[2]: "no answer within 2 s"}
         workers.cfg.faults = FaultsConfig(engine_timeout_s=2, replace_engines=False)
         with pytest.raises(RuntimeError, match=r"rollout at step 1: engine\(s\) \{1: 'died', 2: 'no answer within 2 s'\} "
                                                r"and --faults.replace_engines is false"):
-            workers.lost_engines(calls, step=1)
+            workers.lost_engines(calls, owner, step=1)
     finally:
-        for engine in workers.engines:
+        for engine in engines:
             ray.kill(engine)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.arrow import ROLLOUT_SCHEMA, ragged_to_numpy
-from pipeline.rollout import (RolloutConfig, logprob_parity, outputs_to_rollout_table, prompt_logprobs_to_numpy,
+from pipeline.rollout import (RolloutConfig, engine_range, logprob_parity, outputs_to_rollout_table, prompt_logprobs_to_numpy,
                               sampling_params_kwargs, weights_for_sync)
 
 EOS = 2
@@ -41,6 +41,18 @@ def test_config_defaults_and_context():
 def test_config_rejects_bad_values_naming_field_and_fix(field, value):
     with pytest.raises(ValueError, match=rf"rollout\.{field} .*Fix: --rollout\.{field} "):
         RolloutConfig(**{field: value})
+
+
+@pytest.mark.parametrize("engines, expected", [(2, (2, 2)), ("3", (3, 3)), ("1..4", (1, 4)), ("2..2", (2, 2))])
+def test_engines_is_a_count_or_an_elastic_range(engines, expected):
+    cfg = RolloutConfig(engines=engines)
+    assert (cfg.min_engines, cfg.max_engines) == expected and cfg.elastic == (expected[0] < expected[1])
+
+
+@pytest.mark.parametrize("engines", ["0..2", "3..1", "1..", "..2", "a..b", "1-2", 0])
+def test_a_bad_engine_range_names_the_field_and_the_fix(engines):
+    with pytest.raises(ValueError, match=r"rollout\.engines must be N >= 1 or MIN\.\.MAX .*Fix: --rollout\.engines 2, or --rollout\.engines 1\.\.4"):
+        engine_range(engines)
 
 
 def test_sampling_params_kwargs():
